@@ -1,0 +1,30 @@
+# Everyday commands. `make demo` and `make test` are the README's two commands; both set up first.
+PY := .venv/bin/python
+FAST := not slow and not engine and not servers and not dynamo
+
+.PHONY: setup demo test test-fast lint bench lock clean
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m flexkv_dynamo.demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "$(FAST)"
+
+lint: setup
+	$(PY) -m ruff check flexkv_core flexkv_dynamo tests bench deploy
+
+bench: setup
+	$(PY) bench/bench_index.py --blocks 1000000
+	$(PY) bench/bench_cpu_tier.py
+	$(PY) bench/bench_ssd_tier.py
+
+lock:
+	bash scripts/lock.sh
+
+clean:
+	rm -rf .venv .pytest_cache .hypothesis
