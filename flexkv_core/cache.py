@@ -1,0 +1,455 @@
+"""`TieredCache`: the scheduler-side owner of our tiers.
+
+It holds the prefix index, the CPU pool and the SSD store, plans every movement of bytes, and emits the
+events. It never touches engine (GPU) memory: the engine's workers copy between their KV cache and the
+CPU pool slots a plan names (see `flexkv_core.transfer.BlockCopier`), then tell the cache how it went.
+
+Block life cycle::
+
+    reserve_store -> (engine copies engine->CPU slot) -> complete_store -> CPU READY -> write-back -> SSD READY
+    lookup -> prepare_load (SSD-only blocks staged into CPU slots) -> ready -> (engine copies) -> finish_load
+
+All state changes happen under one lock; SSD I/O runs on the store's threads and re-enters through
+completion callbacks. Every failure path returns what it reserved, and a failed read is a miss, never
+wrong bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+
+from .allocator import SlotAllocator
+from .config import FlexKVConfig
+from .events import CacheCleared, CacheEvent, EventLog
+from .hashing import tokens_to_bytes
+from .index import Block, LookupResult, PrefixIndex
+from .layout import CacheIdentity, Tier
+from .metrics import CacheMetrics, make_metrics
+from .tiers.cpu import CpuPool
+from .tiers.manifest import SlotRecord
+from .tiers.ssd import SsdStore, WriteItem
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TieredCache", "LookupResult", "StorePlan", "LoadPlan"]
+
+
+@dataclass
+class StorePlan:
+    """Blocks the engine must copy into CPU slots before `complete_store`."""
+
+    job_id: int
+    block_hashes: list[int]
+    slots: list[int]
+    positions: list[int]  # index of each block in the chain given to reserve_store
+
+
+@dataclass
+class LoadPlan:
+    """Blocks the engine may copy out of CPU slots once ``ready`` resolves (to the usable count)."""
+
+    job_id: int
+    block_hashes: list[int]
+    slots: list[int]
+    ready: Future = field(default_factory=Future)
+    _pinned: list[int] = field(default_factory=list, repr=False)  # hashes whose CPU copy this plan pins
+    _finished: bool = field(default=False, repr=False)
+
+
+class TieredCache:
+    def __init__(self, config: FlexKVConfig, identity: CacheIdentity, *, pool_name: str | None = None,
+                 metrics: CacheMetrics | None = None) -> None:
+        self.config = config
+        self.identity = identity
+        self.layout = identity.layout
+        self.block_size = self.layout.block_size
+        slot_bytes = self.layout.slot_bytes
+        cpu_slots = config.cpu_cache_bytes // slot_bytes
+        if cpu_slots < 1:
+            raise ValueError(f"FLEXKV_CPU_CACHE_GB={config.cpu_cache_gb} holds no block of {slot_bytes} bytes "
+                             f"({identity.describe()}); allowed: at least {slot_bytes / 2**30:.6f}")
+        self.metrics = metrics or make_metrics(config, instance=pool_name or config.server_recv_port)
+        self._lock = threading.RLock()
+        self.events = EventLog()
+        self.pool = CpuPool.create(cpu_slots, slot_bytes, name=pool_name)
+        self.pool_name = self.pool.name
+        self.ssd: SsdStore | None = None
+        ssd_slots = 0
+        try:
+            if config.ssd_enabled:
+                self.ssd = SsdStore(config.ssd_cache_dir, config.ssd_cache_bytes, slot_bytes, identity,
+                                    config.max_file_bytes, io_threads=config.ssd_io_threads)
+                ssd_slots = self.ssd.num_slots
+        except BaseException:
+            self.pool.close()
+            raise
+        self._alloc = {Tier.CPU: SlotAllocator(cpu_slots), Tier.SSD: SlotAllocator(ssd_slots)}
+        self.index = PrefixIndex({Tier.CPU: cpu_slots, Tier.SSD: ssd_slots}, block_size=self.block_size,
+                                 events=self.events, policy=config.eviction_policy,
+                                 hit_reward_seconds=config.hit_reward_seconds)
+        self._jobs = itertools.count(1)
+        self._stores: dict[int, StorePlan] = {}
+        self._io: set[Future] = set()  # SSD writes in flight (flush waits for them)
+        self._closed = False
+        if self.ssd is not None:
+            self._recover(self.ssd.recovered())
+        self._publish_usage()
+        log.info("tiered cache ready: %s; CPU %d slots of %d B (pool %s), SSD %d slots",
+                 identity.describe(), cpu_slots, slot_bytes, self.pool_name, ssd_slots)
+
+    # ---- lookups ---------------------------------------------------------------------------------
+
+    def lookup(self, block_hashes: Sequence[int]) -> LookupResult:
+        """How many leading blocks each tier can serve. Changes nothing."""
+        with self._lock:
+            result = self.index.lookup(block_hashes)
+        self.metrics.lookup(len(block_hashes), result.total)
+        return result
+
+    # ---- stores ----------------------------------------------------------------------------------
+
+    def reserve_store(self, block_hashes: Sequence[int], parent_hash: int | None,
+                      token_ids: Sequence[int]) -> StorePlan | None:
+        bs = self.block_size
+        if len(token_ids) < len(block_hashes) * bs:
+            raise ValueError(f"{len(block_hashes)} blocks need {len(block_hashes) * bs} token ids, "
+                             f"got {len(token_ids)}")
+        with self._lock:
+            wanted: list[tuple[int, int, int | None]] = []  # (position, hash, parent)
+            prev = parent_hash
+            for i, h in enumerate(block_hashes):
+                b = self.index.get(h)
+                if b is not None and b.held(Tier.CPU):  # already in (or on its way to) the CPU tier
+                    self.index.touch(h, hit=False)
+                else:
+                    wanted.append((i, h, prev))
+                prev = h
+            if not wanted:
+                return None
+            slots = self._allocate(Tier.CPU, len(wanted))
+            if not slots:
+                return None
+            wanted = wanted[:len(slots)]
+            for (i, h, parent), slot in zip(wanted, slots):
+                self.index.begin_fill(Tier.CPU, h, slot, parent=parent,
+                                      tokens=tokens_to_bytes(token_ids[i * bs:(i + 1) * bs]))
+            plan = StorePlan(next(self._jobs), [h for _, h, _ in wanted], slots, [i for i, _, _ in wanted])
+            self._stores[plan.job_id] = plan
+            return plan
+
+    def complete_store(self, plan: StorePlan, ok: bool = True) -> None:
+        """The engine finished copying ``plan`` (``ok``) or gave up: publish or roll back."""
+        with self._lock:
+            if self._stores.pop(plan.job_id, None) is None:
+                raise ValueError(f"store job {plan.job_id} is not pending")
+            if ok:
+                self.index.finish_fill(Tier.CPU, plan.block_hashes)
+                self.metrics.stored(Tier.CPU, len(plan.block_hashes))
+                self.metrics.moved("engine_to_cpu", len(plan.block_hashes) * self.layout.slot_bytes)
+                self._write_back([self.index.get(h) for h in plan.block_hashes])
+            else:
+                self._alloc[Tier.CPU].free(self.index.abort_fill(Tier.CPU, plan.block_hashes))
+            self._publish_usage()
+
+    # ---- loads -----------------------------------------------------------------------------------
+
+    def prepare_load(self, block_hashes: Sequence[int]) -> LoadPlan:
+        """Pin a loadable prefix; SSD-only blocks are read into fresh CPU slots in the background."""
+        with self._lock:
+            plan = LoadPlan(next(self._jobs), [], [])
+            chain: list[Block] = []
+            for h in block_hashes:
+                b = self.index.get(h)
+                # Loadable: READY in CPU, or READY on SSD with no CPU copy on its way (which we could not stage).
+                if b is None or not (b.ready(Tier.CPU) or (b.ready(Tier.SSD) and not b.held(Tier.CPU))):
+                    break
+                chain.append(b)
+            # Pin the CPU copies first so that making room for staging cannot evict them.
+            for b in chain:
+                if b.ready(Tier.CPU):
+                    self.index.pin(Tier.CPU, b.hash)
+                    plan._pinned.append(b.hash)
+            missing = [b for b in chain if not b.ready(Tier.CPU)]
+            staging = self._allocate(Tier.CPU, len(missing)) if missing else []
+            if len(staging) < len(missing):  # keep the prefix up to the first block we cannot stage
+                cut = chain.index(missing[len(staging)])
+                for b in chain[cut:]:
+                    if b.ready(Tier.CPU):
+                        self.index.unpin(Tier.CPU, b.hash)
+                        plan._pinned.remove(b.hash)
+                chain = chain[:cut]
+                missing = missing[:len(staging)]
+            staged = dict(zip((b.hash for b in missing), staging))
+            for b in missing:
+                self.index.begin_fill(Tier.CPU, b.hash, staged[b.hash])
+                self.index.pin(Tier.CPU, b.hash)
+                self.index.pin(Tier.SSD, b.hash)
+                plan._pinned.append(b.hash)
+            for b in chain:
+                self.index.touch(b.hash)
+            plan.block_hashes = [b.hash for b in chain]
+            plan.slots = [b.slot_in(Tier.CPU) for b in chain]
+            hits = len(chain) - len(missing)
+            self.metrics.hit(Tier.CPU, hits)
+            self.metrics.hit(Tier.SSD, len(missing))
+            if not missing:
+                plan.ready.set_result(len(chain))
+                return plan
+            items = [(b.slot_in(Tier.SSD), self.pool.slot(staged[b.hash])) for b in missing]
+            started = time.perf_counter()
+        assert self.ssd is not None
+        fut = self.ssd.read(items)
+        fut.add_done_callback(lambda f: self._staged(plan, missing, f, started))
+        return plan
+
+    def finish_load(self, plan: LoadPlan) -> None:
+        """The engine is done with ``plan`` (copied, aborted or failed): release its pins."""
+        with self._lock:
+            if plan._finished:
+                return
+            plan._finished = True
+            if not plan.ready.done():  # staging still running: _staged releases the pins when it ends
+                return
+            self.metrics.moved("cpu_to_engine", plan.ready.result() * self.layout.slot_bytes)
+            self._release(plan)
+
+    # ---- maintenance -----------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for background SSD write-back. True if everything finished in time."""
+        with self._lock:
+            pending = list(self._io)
+        done, not_done = wait_futures(pending, timeout=timeout)
+        return not not_done
+
+    def evict_all(self, tier: Tier) -> int:
+        """Drop every unpinned READY copy in ``tier`` (operators, tests). Returns how many."""
+        with self._lock:
+            n = self._remove_all(tier)
+            self._publish_usage()
+            return n
+
+    def reset(self) -> None:
+        """Forget everything not in use: Removed per tier, then CacheCleared."""
+        self.flush(timeout=30)
+        with self._lock:
+            for tier in (Tier.CPU, Tier.SSD):
+                self._remove_all(tier)
+            self.events.emit(CacheCleared(tiers=[Tier.CPU, Tier.SSD]))
+            self._publish_usage()
+
+    def take_events(self) -> list[CacheEvent]:
+        return self.events.drain()
+
+    def stats(self) -> dict:
+        with self._lock:
+            tiers = {}
+            for tier in (Tier.CPU, Tier.SSD):
+                tiers[tier.value] = {
+                    "capacity_slots": self._alloc[tier].capacity,
+                    "used_slots": self._alloc[tier].num_used,
+                    "ready_blocks": self.index.ready_count(tier),
+                    "pinned_blocks": self.index.pinned_count(tier),
+                }
+            return {
+                "identity": self.identity.describe(),
+                "fingerprint": self.identity.fingerprint(),
+                "pool": self.pool_name,
+                "slot_bytes": self.layout.slot_bytes,
+                "blocks": len(self.index),
+                "tiers": tiers,
+                "pending_stores": len(self._stores),
+                "pending_writes": len(self._io),
+                "metrics": self.metrics.snapshot(),
+            }
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.flush(timeout=60)
+        if self.ssd is not None:
+            self.ssd.close()
+        self.pool.close()
+        self.metrics.close()
+
+    def attach_info(self) -> dict:
+        """What a worker process needs to map the CPU pool (served as the `attach` method)."""
+        lay = self.layout
+        return {"pool": self.pool_name, "num_slots": self.pool.num_slots, "slot_bytes": lay.slot_bytes,
+                "layout": {"num_layers": lay.num_layers, "block_size": lay.block_size,
+                           "num_kv_heads": lay.num_kv_heads, "head_dim": lay.head_dim, "dtype": lay.dtype,
+                           "kv_planes": lay.kv_planes, "tp_size": lay.tp_size},
+                "fingerprint": self.identity.fingerprint()}
+
+    def service_handlers(self) -> dict:
+        """Methods a `CacheService` exposes for this cache at FLEXKV_SERVER_RECV_PORT."""
+        return {"status": self.stats, "attach": self.attach_info,
+                "lookup": lambda block_hashes: vars(self.lookup(block_hashes))}
+
+    def __enter__(self) -> TieredCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- internals (call with the lock held) -------------------------------------------------------
+
+    def _allocate(self, tier: Tier, n: int) -> list[int]:
+        """Up to ``n`` slots of ``tier``, evicting by policy when the tier is past its threshold."""
+        alloc = self._alloc[tier]
+        start_at = math.floor(self.config.evict_start_threshold * alloc.capacity)
+        over = alloc.num_used + n - start_at
+        if over > 0 or alloc.num_free < n:
+            want = max(over, n - alloc.num_free, math.ceil(self.config.evict_ratio * alloc.capacity))
+            self._evict(tier, want)
+        return alloc.alloc(n)
+
+    def _evict(self, tier: Tier, n: int) -> None:
+        victims, demote = [], []
+        for b in self.index.eviction_candidates(tier, n):
+            if tier is Tier.CPU and self.ssd is not None and not b.held(Tier.SSD):
+                demote.append(b)  # the only copy: write it to SSD first, evict it in a later round
+            else:
+                victims.append(b.hash)
+        if victims:
+            self._free(tier, self.index.remove(tier, victims))
+            self.metrics.evicted(tier, len(victims))
+        if demote:
+            self._write_back(demote)
+
+    def _remove_all(self, tier: Tier) -> int:
+        victims = [b.hash for b in self.index.blocks() if b.ready(tier) and not b.pinned(tier)]
+        if victims:
+            self._free(tier, self.index.remove(tier, victims))
+        return len(victims)
+
+    def _free(self, tier: Tier, slots: list[int]) -> None:
+        self._alloc[tier].free(slots)
+        if tier is Tier.SSD and self.ssd is not None:
+            self.ssd.forget(slots)
+
+    def _write_back(self, blocks: list[Block | None]) -> None:
+        """Queue SSD copies of CPU-ready blocks that have none; the CPU copy is pinned while it is read."""
+        if self.ssd is None:
+            return
+        todo = [b for b in blocks if b is not None and b.ready(Tier.CPU) and not b.held(Tier.SSD)]
+        if not todo:
+            return
+        slots = self._allocate(Tier.SSD, len(todo))
+        todo = todo[:len(slots)]
+        if not todo:
+            return
+        items = []
+        for b, slot in zip(todo, slots):
+            self.index.begin_fill(Tier.SSD, b.hash, slot)
+            self.index.pin(Tier.CPU, b.hash)
+            items.append(WriteItem(slot=slot, block_hash=b.hash, parent_hash=b.parent, token_ids=b.tokens,
+                                   buffer=self.pool.slot(b.slot_in(Tier.CPU))))
+        hashes = [b.hash for b in todo]
+        started = time.perf_counter()
+        fut = self.ssd.write(items)
+        self._io.add(fut)
+        fut.add_done_callback(lambda f: self._written(hashes, f, started))
+
+    def _written(self, hashes: list[int], fut: Future, started: float) -> None:
+        results = _results(fut, len(hashes))
+        with self._lock:
+            self._io.discard(fut)
+            ok = [h for h, good in zip(hashes, results) if good]
+            bad = [h for h, good in zip(hashes, results) if not good]
+            if ok:
+                self.index.finish_fill(Tier.SSD, ok)
+                self.metrics.stored(Tier.SSD, len(ok))
+                self.metrics.moved("cpu_to_ssd", len(ok) * self.layout.slot_bytes, time.perf_counter() - started)
+            if bad:
+                log.warning("SSD write-back failed for %d blocks; they stay in CPU only", len(bad))
+                self.metrics.io_error(Tier.SSD, len(bad))
+                self._free(Tier.SSD, self.index.abort_fill(Tier.SSD, bad))
+            for h in hashes:
+                self.index.unpin(Tier.CPU, h)
+            self._publish_usage()
+
+    def _staged(self, plan: LoadPlan, missing: list[Block], fut: Future, started: float) -> None:
+        results = _results(fut, len(missing))
+        with self._lock:
+            good = [b.hash for b, ok in zip(missing, results) if ok]
+            bad = [b.hash for b, ok in zip(missing, results) if not ok]
+            if good:
+                self.index.finish_fill(Tier.CPU, good)
+                self.metrics.moved("ssd_to_cpu", len(good) * self.layout.slot_bytes, time.perf_counter() - started)
+            if bad:
+                # A failed read or checksum mismatch: that SSD copy is gone for good (Removed), and the
+                # block is a miss from there on, never wrong bytes.
+                log.warning("SSD read failed for %d of %d staged blocks; recomputing from the first", len(bad),
+                            len(missing))
+                self.metrics.io_error(Tier.SSD, len(bad))
+                for h in bad:
+                    self.index.unpin(Tier.CPU, h)
+                    plan._pinned.remove(h)
+                self._alloc[Tier.CPU].free(self.index.abort_fill(Tier.CPU, bad))
+            for b in missing:
+                self.index.unpin(Tier.SSD, b.hash)
+            bad_set = set(bad)
+            gone = [b.hash for b in missing if b.hash in bad_set and b.ready(Tier.SSD) and not b.pinned(Tier.SSD)]
+            if gone:
+                self._free(Tier.SSD, self.index.remove(Tier.SSD, gone))
+            usable = next((i for i, h in enumerate(plan.block_hashes) if h in bad_set), len(plan.block_hashes))
+            # Blocks past the first failure are no use to this load: release them now.
+            for h in plan.block_hashes[usable:]:
+                if h in plan._pinned:
+                    self.index.unpin(Tier.CPU, h)
+                    plan._pinned.remove(h)
+            if plan._finished:
+                self._release(plan)
+            self._publish_usage()
+        plan.ready.set_result(usable)
+
+    def _release(self, plan: LoadPlan) -> None:
+        for h in plan._pinned:
+            self.index.unpin(Tier.CPU, h)
+        plan._pinned.clear()
+        self._publish_usage()
+
+    def _recover(self, records: list[SlotRecord]) -> None:
+        """Warm restart: re-index what the SSD manifest says we hold (parents before children)."""
+        by_hash = {r.block_hash: r for r in records}
+        order: list[SlotRecord] = []
+        seen: set[int] = set()
+        for r in records:
+            stack = []
+            while r is not None and r.block_hash not in seen:
+                stack.append(r)
+                seen.add(r.block_hash)
+                r = by_hash.get(r.parent_hash) if r.parent_hash is not None else None
+            order.extend(reversed(stack))
+        with self._lock:
+            for r in order:
+                self._alloc[Tier.SSD].take(r.slot)
+                self.index.begin_fill(Tier.SSD, r.block_hash, r.slot, parent=r.parent_hash, tokens=r.token_ids)
+            self.index.finish_fill(Tier.SSD, [r.block_hash for r in order])
+        if order:
+            log.info("warm restart: %d blocks found on SSD", len(order))
+
+    def _publish_usage(self) -> None:
+        for tier in (Tier.CPU, Tier.SSD):
+            self.metrics.set_usage(tier, self._alloc[tier].num_used, self._alloc[tier].capacity)
+        self.metrics.set_pinned(self.index.pinned_count(Tier.CPU) + self.index.pinned_count(Tier.SSD))
+
+
+def _results(fut: Future, n: int) -> list[bool]:
+    """Per-item success of an SSD batch; an exception fails the whole batch (never raises here)."""
+    try:
+        results = fut.result()
+    except Exception:  # noqa: BLE001 - I/O errors of any kind become misses
+        log.exception("SSD batch failed")
+        return [False] * n
+    return list(results)

@@ -1,0 +1,314 @@
+"""TieredCache end to end on CPU: real shared-memory pool, real SSD files, real block copies.
+
+An "engine" here is a set of KV planes (torch tensors shaped like a paged KV cache); the worker-side
+BlockCopier moves blocks between it and the pool exactly as a vLLM worker does.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+
+import pytest
+import torch
+
+from flexkv_core.cache import TieredCache
+from flexkv_core.config import FlexKVConfig
+from flexkv_core.events import BlockRemoved, BlockStored, CacheCleared
+from flexkv_core.hashing import chain_hashes
+from flexkv_core.layout import CacheIdentity, KVLayout, Tier
+from flexkv_core.transfer import BlockCopier
+
+LAYOUT = KVLayout(num_layers=2, block_size=16, num_kv_heads=2, head_dim=64, dtype="float16")
+IDENTITY = CacheIdentity(model="tiny-test", layout=LAYOUT)
+GiB = 2**30
+
+
+class Engine:
+    """A paged KV cache: one tensor per plane, ``num_blocks`` blocks each."""
+
+    def __init__(self, cache: TieredCache, num_blocks: int = 64, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        shape = (num_blocks, LAYOUT.block_size, LAYOUT.num_kv_heads, LAYOUT.head_dim)
+        self.planes = [torch.randn(shape, generator=g).to(torch.float16) for _ in range(LAYOUT.num_planes)]
+        self.copier = BlockCopier(cache.pool, LAYOUT, 0, self.planes)
+
+    def block(self, i: int) -> list[torch.Tensor]:
+        return [p[i].clone() for p in self.planes]
+
+    def wipe(self, ids) -> None:
+        for p in self.planes:
+            p[list(ids)] = 0
+
+
+def make_cache(tmp_path, cpu_blocks=32, ssd_blocks=0, identity=IDENTITY, **kw) -> TieredCache:
+    slot = LAYOUT.slot_bytes
+    cfg = FlexKVConfig(cpu_cache_gb=cpu_blocks * slot / GiB, ssd_cache_gb=ssd_blocks * slot / GiB,
+                       ssd_cache_dir=(str(tmp_path / "ssd"),), enable_metrics=False, **kw)
+    return TieredCache(cfg, identity, pool_name=f"flexkv-test-{os.getpid()}-{id(cfg)}")
+
+
+def tokens_for(prompt: int, n_blocks: int) -> list[int]:
+    return [prompt * 10_000 + i for i in range(n_blocks * LAYOUT.block_size)]
+
+
+def store(cache: TieredCache, engine: Engine, tokens: list[int], block_ids: list[int]) -> list[int]:
+    hashes = chain_hashes(tokens, LAYOUT.block_size)
+    plan = cache.reserve_store(hashes, None, tokens)
+    if plan is not None:
+        engine.copier.to_pool([block_ids[i] for i in plan.positions], plan.slots).wait()
+        cache.complete_store(plan)
+    return hashes
+
+
+def load(cache: TieredCache, engine: Engine, hashes: list[int], block_ids: list[int]) -> int:
+    plan = cache.prepare_load(hashes)
+    n = plan.ready.result(timeout=30)
+    engine.copier.from_pool(plan.slots[:n], block_ids[:n]).wait()
+    cache.finish_load(plan)
+    return n
+
+
+class Balance:
+    """Stored/Removed bookkeeping per tier, as Dynamo's router keeps it."""
+
+    def __init__(self) -> None:
+        self.count: Counter = Counter()
+        self.cleared = 0
+
+    def feed(self, events) -> None:
+        for ev in events:
+            if isinstance(ev, CacheCleared):
+                self.cleared += 1
+                continue
+            sign = 1 if isinstance(ev, BlockStored) else -1
+            for h in ev.block_hashes:
+                self.count[(ev.tier, h)] += sign
+                assert self.count[(ev.tier, h)] in (0, 1), f"unbalanced {ev}"
+
+    def held(self, tier: Tier) -> set[int]:
+        return {h for (t, h), n in self.count.items() if t is tier and n == 1}
+
+
+def assert_quiescent(cache: TieredCache) -> None:
+    """No pins left and every used slot is explained by a resident block."""
+    s = cache.stats()["tiers"]
+    for tier in ("cpu", "ssd"):
+        assert s[tier]["pinned_blocks"] == 0
+        assert s[tier]["used_slots"] == s[tier]["ready_blocks"]
+
+
+def test_cpu_round_trip_is_byte_exact(tmp_path):
+    with make_cache(tmp_path) as cache:
+        engine = Engine(cache)
+        tokens = tokens_for(1, 5)
+        want = [engine.block(i) for i in range(5)]
+        hashes = store(cache, engine, tokens, list(range(5)))
+        assert cache.lookup(hashes).cpu == 5
+        engine.wipe(range(64))
+        assert load(cache, engine, hashes, [10, 11, 12, 13, 14]) == 5
+        for i in range(5):
+            for got, exp in zip(engine.block(10 + i), want[i]):
+                assert torch.equal(got, exp)
+        assert cache.lookup(chain_hashes(tokens_for(2, 5), LAYOUT.block_size)).total == 0
+        assert_quiescent(cache)
+
+
+def test_stored_events_carry_chain_and_tokens(tmp_path):
+    with make_cache(tmp_path) as cache:
+        engine = Engine(cache)
+        tokens = tokens_for(3, 3)
+        hashes = store(cache, engine, tokens, [0, 1, 2])
+        (ev,) = cache.take_events()
+        assert ev == BlockStored(tier=Tier.CPU, block_hashes=hashes, parent_block_hash=None, token_ids=tokens,
+                                 block_size=LAYOUT.block_size)
+        # Extending the prompt stores only the new block, chained onto the last one.
+        longer = tokens_for(3, 4)
+        store(cache, engine, longer, [0, 1, 2, 3])
+        (ev,) = cache.take_events()
+        assert ev.parent_block_hash == hashes[-1] and ev.token_ids == longer[-LAYOUT.block_size:]
+
+
+def test_ssd_round_trip_after_cpu_eviction(tmp_path):
+    with make_cache(tmp_path, cpu_blocks=8, ssd_blocks=64) as cache:
+        engine = Engine(cache)
+        bal = Balance()
+        tokens = tokens_for(4, 6)
+        want = [engine.block(i) for i in range(6)]
+        hashes = store(cache, engine, tokens, list(range(6)))
+        assert cache.flush(timeout=10)
+        bal.feed(cache.take_events())
+        assert bal.held(Tier.CPU) == set(hashes) == bal.held(Tier.SSD)
+        assert cache.evict_all(Tier.CPU) == 6
+        bal.feed(cache.take_events())
+        assert bal.held(Tier.CPU) == set()
+        r = cache.lookup(hashes)
+        assert (r.cpu, r.ssd, r.total) == (0, 6, 6)
+        engine.wipe(range(64))
+        assert load(cache, engine, hashes, list(range(20, 26))) == 6
+        for i in range(6):
+            for got, exp in zip(engine.block(20 + i), want[i]):
+                assert torch.equal(got, exp)
+        # Staging made them CPU-resident again, announced as such.
+        bal.feed(cache.take_events())
+        assert bal.held(Tier.CPU) == set(hashes)
+        assert cache.lookup(hashes).cpu == 6
+        assert_quiescent(cache)
+
+
+def test_cpu_pressure_evicts_by_policy_and_demotes_to_ssd(tmp_path):
+    with make_cache(tmp_path, cpu_blocks=4, ssd_blocks=64, evict_ratio=0.25) as cache:
+        engine = Engine(cache)
+        bal = Balance()
+        prompts = [chain_hashes(tokens_for(p, 2), LAYOUT.block_size) for p in range(6)]
+        for p in range(6):
+            store(cache, engine, tokens_for(p, 2), [2 * p, 2 * p + 1])
+            cache.flush(timeout=10)
+        bal.feed(cache.take_events())
+        assert len(bal.held(Tier.CPU)) <= 4
+        # Nothing was lost: every prompt is still servable, from CPU or SSD.
+        for hashes in prompts:
+            assert cache.lookup(hashes).total == 2
+        assert bal.held(Tier.SSD) == {h for hs in prompts for h in hs}
+        # The most recent prompt is still in CPU under LRU.
+        assert cache.lookup(prompts[-1]).cpu == 2
+        assert_quiescent(cache)
+
+
+def test_warm_restart_finds_ssd_blocks_and_other_identity_does_not(tmp_path):
+    with make_cache(tmp_path, ssd_blocks=32) as cache:
+        engine = Engine(cache, seed=7)
+        want = [engine.block(i) for i in range(4)]
+        hashes = store(cache, engine, tokens_for(5, 4), [0, 1, 2, 3])
+    with make_cache(tmp_path, ssd_blocks=32) as cache:
+        events = cache.take_events()
+        stored = [h for ev in events if isinstance(ev, BlockStored) and ev.tier is Tier.SSD for h in ev.block_hashes]
+        assert stored == hashes  # announced again, parents first
+        assert cache.lookup(hashes).ssd == 4
+        engine = Engine(cache, seed=99)
+        assert load(cache, engine, hashes, [30, 31, 32, 33]) == 4
+        for i in range(4):
+            for got, exp in zip(engine.block(30 + i), want[i]):
+                assert torch.equal(got, exp)
+    other = CacheIdentity(model="another-model", layout=LAYOUT)
+    with make_cache(tmp_path, ssd_blocks=32, identity=other) as cache:
+        assert cache.lookup(hashes).total == 0
+        assert cache.take_events() == []
+
+
+def test_corrupted_ssd_slot_is_a_miss_never_wrong_bytes(tmp_path):
+    with make_cache(tmp_path, cpu_blocks=8, ssd_blocks=32) as cache:
+        engine = Engine(cache)
+        want = [engine.block(i) for i in range(4)]
+        hashes = store(cache, engine, tokens_for(6, 4), [0, 1, 2, 3])
+        cache.flush(timeout=10)
+        cache.evict_all(Tier.CPU)
+        cache.take_events()
+        bad = cache.index.get(hashes[2]).slot_in(Tier.SSD)
+        path, offset = cache.ssd.location(bad)
+        with open(path, "r+b") as f:
+            f.seek(offset + 100)
+            f.write(b"\xff" * 64)
+        engine.wipe(range(64))
+        assert load(cache, engine, hashes, [40, 41, 42, 43]) == 2  # blocks 0-1 usable, 2 corrupt
+        for i in range(2):
+            for got, exp in zip(engine.block(40 + i), want[i]):
+                assert torch.equal(got, exp)
+        events = cache.take_events()
+        removed = [h for ev in events if isinstance(ev, BlockRemoved) and ev.tier is Tier.SSD for h in ev.block_hashes]
+        assert removed == [hashes[2]]
+        r = cache.lookup(hashes)
+        assert r.total == 2  # the chain is broken at the corrupt block
+        assert_quiescent(cache)
+
+
+def test_failed_store_rolls_back_and_announces_nothing(tmp_path):
+    with make_cache(tmp_path) as cache:
+        tokens = tokens_for(7, 3)
+        hashes = chain_hashes(tokens, LAYOUT.block_size)
+        plan = cache.reserve_store(hashes, None, tokens)
+        assert cache.lookup(hashes).total == 0  # not visible before its bytes are in place
+        cache.complete_store(plan, ok=False)
+        assert cache.take_events() == []
+        assert cache.lookup(hashes).total == 0
+        assert cache.stats()["tiers"]["cpu"]["used_slots"] == 0
+
+
+def test_finish_load_while_staging_releases_everything(tmp_path):
+    with make_cache(tmp_path, cpu_blocks=8, ssd_blocks=32) as cache:
+        engine = Engine(cache)
+        hashes = store(cache, engine, tokens_for(8, 4), [0, 1, 2, 3])
+        cache.flush(timeout=10)
+        cache.evict_all(Tier.CPU)
+        plan = cache.prepare_load(hashes)
+        cache.finish_load(plan)  # the request was aborted before its blocks arrived
+        assert plan.ready.result(timeout=10) == 4
+        assert_quiescent(cache)
+
+
+def test_reset_removes_everything_then_clears(tmp_path):
+    with make_cache(tmp_path, ssd_blocks=32) as cache:
+        engine = Engine(cache)
+        bal = Balance()
+        hashes = store(cache, engine, tokens_for(9, 3), [0, 1, 2])
+        cache.flush(timeout=10)
+        cache.reset()
+        events = cache.take_events()
+        assert isinstance(events[-1], CacheCleared)
+        bal.feed(events)
+        assert bal.held(Tier.CPU) == bal.held(Tier.SSD) == set()
+        assert cache.lookup(hashes).total == 0
+        assert_quiescent(cache)
+
+
+def test_cpu_size_too_small_for_one_block_is_a_clear_error(tmp_path):
+    cfg = FlexKVConfig(cpu_cache_gb=1e-6, enable_metrics=False)
+    with pytest.raises(ValueError, match="FLEXKV_CPU_CACHE_GB"):
+        TieredCache(cfg, IDENTITY)
+
+
+def kv_of(prompt: int, block: int) -> float:
+    """Equal tokens give equal KV: the value every plane of (prompt, block) holds in these tests."""
+    return float((prompt * 31 + block * 7) % 997) / 8.0
+
+
+@pytest.mark.slow
+def test_concurrent_stores_and_loads_lose_nothing(tmp_path):
+    with make_cache(tmp_path, cpu_blocks=24, ssd_blocks=256) as cache:
+        engines = [Engine(cache, num_blocks=16, seed=s) for s in range(4)]
+        errors: list[BaseException] = []
+        loaded = Counter()
+
+        def worker(w: int) -> None:
+            try:
+                eng = engines[w]
+                for rnd in range(25):
+                    prompt = (w * 3 + rnd) % 10  # prompts shared between threads
+                    for i in range(4):
+                        for plane in eng.planes:
+                            plane[i] = kv_of(prompt, i)
+                    hashes = store(cache, eng, tokens_for(prompt, 4), [0, 1, 2, 3])
+                    eng.wipe([8, 9, 10, 11])
+                    n = load(cache, eng, hashes, [8, 9, 10, 11])
+                    loaded[w] += n
+                    for i in range(n):
+                        for plane in eng.planes:
+                            assert torch.all(plane[8 + i] == kv_of(prompt, i)), (w, rnd, prompt, i)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        assert sum(loaded.values()) > 0
+        assert cache.flush(timeout=30)
+        bal = Balance()
+        bal.feed(cache.take_events())
+        assert_quiescent(cache)
+        stats = cache.stats()["tiers"]
+        assert len(bal.held(Tier.CPU)) == stats["cpu"]["ready_blocks"]
+        assert len(bal.held(Tier.SSD)) == stats["ssd"]["ready_blocks"]
