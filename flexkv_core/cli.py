@@ -222,9 +222,26 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+#: Packages that build on flexkv_core (flexkv_dynamo's `events`) add commands through this entry-point
+#: group, so the core never imports them by name: ``NAME = "module:main"`` with ``main(argv) -> int``.
+ENTRY_POINT_GROUP = "flexkv.commands"
+
+
+def plugin_commands() -> list[Command]:
+    from importlib.metadata import entry_points
+
+    found = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        module = ep.value.split(":")[0]
+        found.append(delegate(ep.name, f"{ep.name} (from {module}; see --help)", module))
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexkv", description="FlexKV tiered KV cache tools")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in plugin_commands():
+        COMMANDS.setdefault(cmd.name, cmd)
     for cmd in COMMANDS.values():
         # Passthrough commands own their options (--help included): ours must not swallow them.
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, add_help=not cmd.passthrough)
