@@ -26,6 +26,8 @@ from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
+import xxhash
+
 from .allocator import SlotAllocator
 from .config import FlexKVConfig
 from .events import CacheCleared, CacheEvent, EventLog
@@ -33,6 +35,7 @@ from .hashing import tokens_to_bytes
 from .index import Block, LookupResult, PrefixIndex
 from .layout import CacheIdentity, Tier
 from .metrics import CacheMetrics, make_metrics
+from .remote import RemoteBlock, RemoteSource
 from .tiers.cpu import CpuPool
 from .tiers.manifest import SlotRecord
 from .tiers.ssd import SsdStore, WriteItem
@@ -61,12 +64,16 @@ class LoadPlan:
     slots: list[int]
     ready: Future = field(default_factory=Future)
     _pinned: list[int] = field(default_factory=list, repr=False)  # hashes whose CPU copy this plan pins
+    _scratch: list[int] = field(default_factory=list, repr=False)  # CPU slots of fetched blocks not indexed
+    _parts: int = field(default=0, repr=False)  # asynchronous parts (SSD staging, remote fetch) running
+    _failed: set[int] = field(default_factory=set, repr=False)  # hashes whose bytes did not arrive
     _finished: bool = field(default=False, repr=False)
 
 
 class TieredCache:
     def __init__(self, config: FlexKVConfig, identity: CacheIdentity, *, pool_name: str | None = None,
-                 metrics: CacheMetrics | None = None) -> None:
+                 metrics: CacheMetrics | None = None, remote: RemoteSource | None = None,
+                 keep_remote: bool = True) -> None:
         self.config = config
         self.identity = identity
         self.layout = identity.layout
@@ -98,6 +105,9 @@ class TieredCache:
         self._jobs = itertools.count(1)
         self._stores: dict[int, StorePlan] = {}
         self._io: set[Future] = set()  # SSD writes in flight (flush waits for them)
+        self._exports: dict[int, tuple[LoadPlan, threading.Timer]] = {}  # blocks lent to peers
+        self.remote = remote
+        self.keep_remote = keep_remote  # index fetched blocks as our own CPU blocks (else scratch only)
         self._closed = False
         if self.ssd is not None:
             self._recover(self.ssd.recovered())
@@ -111,6 +121,10 @@ class TieredCache:
         """How many leading blocks each tier can serve. Changes nothing."""
         with self._lock:
             result = self.index.lookup(block_hashes)
+        if self.remote is not None and result.total < len(block_hashes):
+            extra = self.remote.lookup(block_hashes[result.total:])
+            if extra:
+                result = LookupResult(cpu=result.cpu, ssd=result.ssd, total=result.total + extra, remote=extra)
         self.metrics.lookup(len(block_hashes), result.total)
         return result
 
@@ -161,8 +175,9 @@ class TieredCache:
 
     # ---- loads -----------------------------------------------------------------------------------
 
-    def prepare_load(self, block_hashes: Sequence[int]) -> LoadPlan:
-        """Pin a loadable prefix; SSD-only blocks are read into fresh CPU slots in the background."""
+    def prepare_load(self, block_hashes: Sequence[int], *, use_remote: bool = True) -> LoadPlan:
+        """Pin a loadable prefix. SSD-only blocks are read into fresh CPU slots, and blocks only peers hold
+        are fetched into fresh CPU slots, both in the background; ``ready`` resolves when all arrived."""
         with self._lock:
             plan = LoadPlan(next(self._jobs), [], [])
             chain: list[Block] = []
@@ -179,7 +194,8 @@ class TieredCache:
                     plan._pinned.append(b.hash)
             missing = [b for b in chain if not b.ready(Tier.CPU)]
             staging = self._allocate(Tier.CPU, len(missing)) if missing else []
-            if len(staging) < len(missing):  # keep the prefix up to the first block we cannot stage
+            whole = len(staging) == len(missing)
+            if not whole:  # keep the prefix up to the first block we cannot stage
                 cut = chain.index(missing[len(staging)])
                 for b in chain[cut:]:
                     if b.ready(Tier.CPU):
@@ -195,19 +211,37 @@ class TieredCache:
                 plan._pinned.append(b.hash)
             for b in chain:
                 self.index.touch(b.hash)
-            plan.block_hashes = [b.hash for b in chain]
-            plan.slots = [b.slot_in(Tier.CPU) for b in chain]
-            hits = len(chain) - len(missing)
-            self.metrics.hit(Tier.CPU, hits)
+            # Past our own prefix, peers may continue it: fetch into scratch CPU slots.
+            fetch: list[int] = []
+            if use_remote and self.remote is not None and whole and len(chain) < len(block_hashes):
+                rest = list(block_hashes[len(chain):])
+                n = self.remote.lookup(rest)
+                plan._scratch = self._allocate(Tier.CPU, n) if n else []
+                fetch = rest[:len(plan._scratch)]
+            plan.block_hashes = [b.hash for b in chain] + fetch
+            plan.slots = [b.slot_in(Tier.CPU) for b in chain] + list(plan._scratch)
+            self.metrics.hit(Tier.CPU, len(chain) - len(missing))
             self.metrics.hit(Tier.SSD, len(missing))
-            if not missing:
+            self.metrics.hit(Tier.REMOTE, len(fetch))
+            plan._parts = bool(missing) + bool(fetch)
+            if not plan._parts:
                 plan.ready.set_result(len(chain))
                 return plan
             items = [(b.slot_in(Tier.SSD), self.pool.slot(staged[b.hash])) for b in missing]
-            started = time.perf_counter()
-        assert self.ssd is not None
-        fut = self.ssd.read(items)
-        fut.add_done_callback(lambda f: self._staged(plan, missing, f, started))
+            buffers = [self.pool.slot(slot) for slot in plan._scratch]
+        started = time.perf_counter()
+        if missing:
+            assert self.ssd is not None
+            self.ssd.read(items).add_done_callback(lambda f: self._staged(plan, missing, f, started))
+        if fetch:
+            assert self.remote is not None
+            try:
+                fut = self.remote.fetch(fetch, buffers)
+            except Exception:  # noqa: BLE001 - a broken peer layer is a miss, never a crash
+                log.exception("remote fetch could not start")
+                fut = Future()
+                fut.set_result([None] * len(fetch))
+            fut.add_done_callback(lambda f: self._fetched(plan, fetch, f, started))
         return plan
 
     def finish_load(self, plan: LoadPlan) -> None:
@@ -275,6 +309,8 @@ class TieredCache:
         if self._closed:
             return
         self._closed = True
+        for job in list(self._exports):
+            self.release_export(job)
         self.flush(timeout=60)
         if self.ssd is not None:
             self.ssd.close()
@@ -290,10 +326,47 @@ class TieredCache:
                            "kv_planes": lay.kv_planes, "tp_size": lay.tp_size},
                 "fingerprint": self.identity.fingerprint()}
 
+    # ---- lending blocks to peers (the serving side of distributed reuse) ---------------------------
+
+    def export(self, block_hashes: Sequence[int], lease_s: float = 30.0, timeout_s: float = 10.0) -> dict:
+        """Pin the leading blocks we hold (staging SSD-only ones into CPU) so a peer can read their CPU
+        slots, for at most ``lease_s`` seconds. Returns the slots, each block's parent and tokens, and an
+        xxh3 checksum of each slot's bytes that the reader verifies after its transfer."""
+        plan = self.prepare_load(block_hashes, use_remote=False)
+        try:
+            n = plan.ready.result(timeout=timeout_s)
+        except TimeoutError:
+            n = 0
+        if n == 0:
+            self.finish_load(plan)
+            return {"job": 0, "slots": [], "parents": [], "tokens": [], "checksums": []}
+        with self._lock:
+            blocks = [self.index.get(h) for h in plan.block_hashes[:n]]
+            timer = threading.Timer(lease_s, self.release_export, args=(plan.job_id,))
+            timer.daemon = True
+            self._exports[plan.job_id] = (plan, timer)
+        timer.start()
+        slots = plan.slots[:n]
+        return {"job": plan.job_id, "slots": slots, "parents": [b.parent for b in blocks],
+                "tokens": [b.tokens for b in blocks],
+                "checksums": [xxhash.xxh3_64_intdigest(self.pool.slot(s)) for s in slots]}
+
+    def release_export(self, job: int) -> bool:
+        """The peer finished reading (or its lease lapsed): unpin. False if already released."""
+        with self._lock:
+            entry = self._exports.pop(job, None)
+        if entry is None:
+            return False
+        plan, timer = entry
+        timer.cancel()
+        self.finish_load(plan)
+        return True
+
     def service_handlers(self) -> dict:
         """Methods a `CacheService` exposes for this cache at FLEXKV_SERVER_RECV_PORT."""
         return {"status": self.stats, "attach": self.attach_info,
-                "lookup": lambda block_hashes: vars(self.lookup(block_hashes))}
+                "lookup": lambda block_hashes: vars(self.lookup(block_hashes)),
+                "export": self.export, "release_export": self.release_export}
 
     def __enter__(self) -> TieredCache:
         return self
@@ -396,27 +469,76 @@ class TieredCache:
                     self.index.unpin(Tier.CPU, h)
                     plan._pinned.remove(h)
                 self._alloc[Tier.CPU].free(self.index.abort_fill(Tier.CPU, bad))
+                plan._failed.update(bad)
             for b in missing:
                 self.index.unpin(Tier.SSD, b.hash)
-            bad_set = set(bad)
-            gone = [b.hash for b in missing if b.hash in bad_set and b.ready(Tier.SSD) and not b.pinned(Tier.SSD)]
+            gone = [b.hash for b in missing if b.hash in plan._failed and b.ready(Tier.SSD) and not b.pinned(Tier.SSD)]
             if gone:
                 self._free(Tier.SSD, self.index.remove(Tier.SSD, gone))
-            usable = next((i for i, h in enumerate(plan.block_hashes) if h in bad_set), len(plan.block_hashes))
-            # Blocks past the first failure are no use to this load: release them now.
-            for h in plan.block_hashes[usable:]:
-                if h in plan._pinned:
-                    self.index.unpin(Tier.CPU, h)
-                    plan._pinned.remove(h)
-            if plan._finished:
-                self._release(plan)
-            self._publish_usage()
-        plan.ready.set_result(usable)
+            usable = self._part_done(plan)
+        if usable is not None:
+            plan.ready.set_result(usable)
+
+    def _fetched(self, plan: LoadPlan, hashes: list[int], fut: Future, started: float) -> None:
+        try:
+            results: list[RemoteBlock | None] = list(fut.result())
+        except Exception:  # noqa: BLE001 - any peer failure is a miss
+            log.exception("remote fetch failed")
+            results = [None] * len(hashes)
+        with self._lock:
+            got, kept = 0, []
+            for h, slot, blk in zip(hashes, list(plan._scratch), results):
+                if blk is None:
+                    plan._failed.add(h)
+                    continue
+                got += 1
+                existing = self.index.get(h)
+                if self.keep_remote and not (existing is not None and existing.held(Tier.CPU)):
+                    # Now an ordinary CPU block of ours (and announced as such); the plan pins it.
+                    self.index.begin_fill(Tier.CPU, h, slot, parent=blk.parent_hash, tokens=blk.token_ids)
+                    self.index.pin(Tier.CPU, h)
+                    plan._pinned.append(h)
+                    plan._scratch.remove(slot)
+                    kept.append(h)
+            if kept:
+                self.index.finish_fill(Tier.CPU, kept)
+                self._write_back([self.index.get(h) for h in kept])
+            if got:
+                self.metrics.moved("remote_to_cpu", got * self.layout.slot_bytes, time.perf_counter() - started)
+            if got < len(hashes):
+                log.warning("remote fetch: %d of %d blocks did not arrive; recomputing from the first",
+                            len(hashes) - got, len(hashes))
+            usable = self._part_done(plan)
+        if usable is not None:
+            plan.ready.set_result(usable)
+
+    def _part_done(self, plan: LoadPlan) -> int | None:
+        """One asynchronous part of a load ended. When it was the last, trim the plan to its usable prefix
+        (releasing the rest) and return how many blocks are usable."""
+        plan._parts -= 1
+        if plan._parts:
+            return None
+        usable = next((i for i, h in enumerate(plan.block_hashes) if h in plan._failed), len(plan.block_hashes))
+        # Blocks past the first failure are no use to this load: release them now.
+        for h, slot in zip(plan.block_hashes[usable:], plan.slots[usable:]):
+            if h in plan._pinned:
+                self.index.unpin(Tier.CPU, h)
+                plan._pinned.remove(h)
+            if slot in plan._scratch:
+                self._alloc[Tier.CPU].free([slot])
+                plan._scratch.remove(slot)
+        if plan._finished:
+            self._release(plan)
+        self._publish_usage()
+        return usable
 
     def _release(self, plan: LoadPlan) -> None:
         for h in plan._pinned:
             self.index.unpin(Tier.CPU, h)
         plan._pinned.clear()
+        if plan._scratch:
+            self._alloc[Tier.CPU].free(plan._scratch)
+            plan._scratch = []
         self._publish_usage()
 
     def _recover(self, records: list[SlotRecord]) -> None:

@@ -15,6 +15,7 @@ Contract (what `flexkv_dynamo` and the standalone publisher rely on):
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import msgspec
 
@@ -47,12 +48,22 @@ class EventLog:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self._events: list[CacheEvent] = []
+        self._listeners: list[Callable[[CacheEvent], None]] = []
         self._lock = threading.Lock()
+
+    def add_listener(self, fn: Callable[[CacheEvent], None]) -> None:
+        """Also hand every event to ``fn`` as it happens (e.g. the distributed index publisher).
+
+        Called with the cache's lock held: ``fn`` must only queue, never block.
+        """
+        self._listeners.append(fn)
 
     def emit(self, event: CacheEvent) -> None:
         if self.enabled:
             with self._lock:
                 self._events.append(event)
+        for fn in self._listeners:
+            fn(event)
 
     def drain(self) -> list[CacheEvent]:
         with self._lock:

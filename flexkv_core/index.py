@@ -82,7 +82,8 @@ class LookupResult:
 
     cpu: int
     ssd: int
-    total: int  # block by block from whichever tier holds it: what a load can deliver
+    total: int  # block by block from whichever tier holds it (peers included): what a load can deliver
+    remote: int = 0  # of ``total``, blocks past our own prefix that other nodes serve
 
 
 def _policy_key(policy: EvictionPolicy, hit_reward: float) -> Callable[[Block], tuple[float, float]]:

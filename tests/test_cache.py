@@ -312,3 +312,74 @@ def test_concurrent_stores_and_loads_lose_nothing(tmp_path):
         stats = cache.stats()["tiers"]
         assert len(bal.held(Tier.CPU)) == stats["cpu"]["ready_blocks"]
         assert len(bal.held(Tier.SSD)) == stats["ssd"]["ready_blocks"]
+
+
+class SameProcessPeer:
+    """A RemoteSource reading another in-process cache through its export API (memcpy stands in for the
+    network; the distributed tests do the same over Mooncake between processes)."""
+
+    def __init__(self, peer: TieredCache, fail_at: int | None = None) -> None:
+        self.peer = peer
+        self.fail_at = fail_at
+
+    def lookup(self, block_hashes):
+        return self.peer.lookup(block_hashes).total
+
+    def fetch(self, block_hashes, buffers):
+        from concurrent.futures import Future
+
+        import xxhash
+
+        from flexkv_core.remote import RemoteBlock
+
+        grant = self.peer.export(block_hashes)
+        out = []
+        for i, (slot, buf) in enumerate(zip(grant["slots"], buffers)):
+            src = self.peer.pool.slot(slot)
+            buf[:] = src if i != self.fail_at else bytes(len(src))
+            ok = xxhash.xxh3_64_intdigest(buf) == grant["checksums"][i]
+            out.append(RemoteBlock(grant["parents"][i], grant["tokens"][i]) if ok else None)
+        out += [None] * (len(block_hashes) - len(out))
+        self.peer.release_export(grant["job"])
+        fut = Future()
+        fut.set_result(out)
+        return fut
+
+
+def test_remote_blocks_extend_the_local_prefix_and_become_local(tmp_path):
+    with make_cache(tmp_path / "a") as a, make_cache(tmp_path / "b") as b:
+        ea, eb = Engine(a, seed=1), Engine(b, seed=2)
+        tokens = tokens_for(11, 6)
+        want = [ea.block(i) for i in range(6)]
+        hashes = store(a, ea, tokens, list(range(6)))
+        store(b, eb, tokens[:2 * LAYOUT.block_size], [0, 1])  # b holds the first two blocks itself
+        b.remote = SameProcessPeer(a)
+        b.take_events()
+        r = b.lookup(hashes)
+        assert (r.cpu, r.total, r.remote) == (2, 6, 4)
+        eb.wipe(range(64))
+        assert load(b, eb, hashes, list(range(10, 16))) == 6
+        for i in range(2, 6):  # the fetched ones are a's bytes
+            for got, exp in zip(eb.block(10 + i), want[i]):
+                assert torch.equal(got, exp)
+        # Kept locally: announced as our CPU blocks, chained onto our own prefix.
+        (ev,) = b.take_events()
+        assert ev.tier is Tier.CPU and ev.block_hashes == hashes[2:] and ev.parent_block_hash == hashes[1]
+        b.remote = None
+        assert b.lookup(hashes).cpu == 6
+        assert_quiescent(a)
+        assert_quiescent(b)
+
+
+def test_a_failed_remote_block_cuts_the_load_and_leaks_nothing(tmp_path):
+    with make_cache(tmp_path / "a") as a, make_cache(tmp_path / "b") as b:
+        ea, eb = Engine(a, seed=1), Engine(b, seed=2)
+        hashes = store(a, ea, tokens_for(12, 5), list(range(5)))
+        b.remote = SameProcessPeer(a, fail_at=3)  # the 4th block arrives corrupt
+        b.keep_remote = False
+        assert b.lookup(hashes).remote == 5
+        assert load(b, eb, hashes, list(range(5))) == 3
+        assert b.take_events() == []  # not kept: nothing announced
+        assert_quiescent(a)
+        assert_quiescent(b)
+        assert b.stats()["tiers"]["cpu"]["used_slots"] == 0
