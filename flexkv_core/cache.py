@@ -106,6 +106,8 @@ class TieredCache:
         self._stores: dict[int, StorePlan] = {}
         self._io: set[Future] = set()  # SSD writes in flight (flush waits for them)
         self._exports: dict[int, tuple[LoadPlan, threading.Timer]] = {}  # blocks lent to peers
+        # Blocks being staged SSD -> CPU, with the other loads that joined that staging.
+        self._staging: dict[int, list[LoadPlan]] = {}
         self.remote = remote
         self.keep_remote = keep_remote  # index fetched blocks as our own CPU blocks (else scratch only)
         self._closed = False
@@ -183,32 +185,38 @@ class TieredCache:
             chain: list[Block] = []
             for h in block_hashes:
                 b = self.index.get(h)
-                # Loadable: READY in CPU, or READY on SSD with no CPU copy on its way (which we could not stage).
-                if b is None or not (b.ready(Tier.CPU) or (b.ready(Tier.SSD) and not b.held(Tier.CPU))):
+                # Loadable: READY in CPU, being staged into CPU by another load (we join it), or READY on
+                # SSD with no CPU copy on its way (a copy being *stored* cannot be read yet).
+                if b is None or not (b.ready(Tier.CPU) or h in self._staging
+                                     or (b.ready(Tier.SSD) and not b.held(Tier.CPU))):
                     break
                 chain.append(b)
             # Pin the CPU copies first so that making room for staging cannot evict them.
             for b in chain:
-                if b.ready(Tier.CPU):
+                if b.ready(Tier.CPU) or b.hash in self._staging:
                     self.index.pin(Tier.CPU, b.hash)
                     plan._pinned.append(b.hash)
-            missing = [b for b in chain if not b.ready(Tier.CPU)]
+            missing = [b for b in chain if not b.ready(Tier.CPU) and b.hash not in self._staging]
             staging = self._allocate(Tier.CPU, len(missing)) if missing else []
             whole = len(staging) == len(missing)
             if not whole:  # keep the prefix up to the first block we cannot stage
                 cut = chain.index(missing[len(staging)])
                 for b in chain[cut:]:
-                    if b.ready(Tier.CPU):
+                    if b.hash in plan._pinned:
                         self.index.unpin(Tier.CPU, b.hash)
                         plan._pinned.remove(b.hash)
                 chain = chain[:cut]
                 missing = missing[:len(staging)]
+            joined = [b.hash for b in chain if b.hash in self._staging]
+            for h in joined:
+                self._staging[h].append(plan)
             staged = dict(zip((b.hash for b in missing), staging))
             for b in missing:
                 self.index.begin_fill(Tier.CPU, b.hash, staged[b.hash])
                 self.index.pin(Tier.CPU, b.hash)
                 self.index.pin(Tier.SSD, b.hash)
                 plan._pinned.append(b.hash)
+                self._staging[b.hash] = []
             for b in chain:
                 self.index.touch(b.hash)
             # Past our own prefix, peers may continue it: fetch into scratch CPU slots.
@@ -220,10 +228,10 @@ class TieredCache:
                 fetch = rest[:len(plan._scratch)]
             plan.block_hashes = [b.hash for b in chain] + fetch
             plan.slots = [b.slot_in(Tier.CPU) for b in chain] + list(plan._scratch)
-            self.metrics.hit(Tier.CPU, len(chain) - len(missing))
-            self.metrics.hit(Tier.SSD, len(missing))
+            self.metrics.hit(Tier.CPU, len(chain) - len(missing) - len(joined))
+            self.metrics.hit(Tier.SSD, len(missing) + len(joined))
             self.metrics.hit(Tier.REMOTE, len(fetch))
-            plan._parts = bool(missing) + bool(fetch)
+            plan._parts = bool(missing) + bool(fetch) + len(joined)
             if not plan._parts:
                 plan.ready.set_result(len(chain))
                 return plan
@@ -456,6 +464,15 @@ class TieredCache:
         with self._lock:
             good = [b.hash for b, ok in zip(missing, results) if ok]
             bad = [b.hash for b, ok in zip(missing, results) if not ok]
+            joiners: list[LoadPlan] = []  # one entry per block another load joined
+            bad_set = set(bad)
+            for b in missing:
+                for other in self._staging.pop(b.hash, []):
+                    joiners.append(other)
+                    if b.hash in bad_set:
+                        self.index.unpin(Tier.CPU, b.hash)
+                        other._pinned.remove(b.hash)
+                        other._failed.add(b.hash)
             if good:
                 self.index.finish_fill(Tier.CPU, good)
                 self.metrics.moved("ssd_to_cpu", len(good) * self.layout.slot_bytes, time.perf_counter() - started)
@@ -475,9 +492,10 @@ class TieredCache:
             gone = [b.hash for b in missing if b.hash in plan._failed and b.ready(Tier.SSD) and not b.pinned(Tier.SSD)]
             if gone:
                 self._free(Tier.SSD, self.index.remove(Tier.SSD, gone))
-            usable = self._part_done(plan)
-        if usable is not None:
-            plan.ready.set_result(usable)
+            done = [(p, self._part_done(p)) for p in [plan, *joiners]]
+        for p, usable in done:
+            if usable is not None:
+                p.ready.set_result(usable)
 
     def _fetched(self, plan: LoadPlan, hashes: list[int], fut: Future, started: float) -> None:
         try:

@@ -383,3 +383,26 @@ def test_a_failed_remote_block_cuts_the_load_and_leaks_nothing(tmp_path):
         assert_quiescent(a)
         assert_quiescent(b)
         assert b.stats()["tiers"]["cpu"]["used_slots"] == 0
+
+
+def test_a_second_load_joins_a_staging_in_flight(tmp_path):
+    with make_cache(tmp_path, cpu_blocks=16, ssd_blocks=32) as cache:
+        engine = Engine(cache)
+        want = [engine.block(i) for i in range(4)]
+        hashes = store(cache, engine, tokens_for(13, 4), [0, 1, 2, 3])
+        cache.flush(timeout=10)
+        cache.evict_all(Tier.CPU)
+        with cache._lock:  # holds the staging's completion back until both loads are planned
+            first = cache.prepare_load(hashes[:2])  # stages blocks 0-1 from SSD
+            second = cache.prepare_load(hashes)  # joins that staging for 0-1, stages 2-3 itself
+            assert cache._staging[hashes[0]] == [second] and cache._staging[hashes[3]] == []
+        assert second.block_hashes == hashes
+        assert first.ready.result(timeout=10) == 2 and second.ready.result(timeout=10) == 4
+        engine.wipe(range(64))
+        engine.copier.from_pool(second.slots, [20, 21, 22, 23]).wait()
+        for i in range(4):
+            for got, exp in zip(engine.block(20 + i), want[i]):
+                assert torch.equal(got, exp)
+        cache.finish_load(first)
+        cache.finish_load(second)
+        assert_quiescent(cache)
