@@ -1,0 +1,99 @@
+"""What the scheduler-side connector tells its workers each step, and what they answer.
+
+vLLM hands `FlexKVConnectorMetadata` (built by ``build_connector_meta``) to every worker before the
+step runs; with a multi-process executor it is pickled, so everything here is plain data. Workers
+answer with `FlexKVWorkerMetadata` (``build_connector_worker_meta``); vLLM merges the answers of all
+workers with ``aggregate`` and passes the sum to the scheduler's ``update_connector_output``.
+
+The contract between the two sides, which is what makes the connector safe without holding vLLM's
+blocks after a request ends:
+
+* A store job names engine blocks that are complete once this step's forward pass has run. The worker
+  copies them in ``wait_for_save`` of the *same* step and does not return before the copy is done, so
+  the bytes are in the pool before the scheduler can learn that the request finished (and free its
+  blocks). The scheduler publishes the blocks (``complete_store``) when every worker reported the job.
+* A load job is sent only once its CPU slots hold the bytes (SSD staging done). The worker copies
+  them into the named engine blocks and reports the job *and* its request id (``finished_recving``) in
+  the same step; ``failed_block_ids`` (blocks we promised but cannot deliver) are reported as load
+  errors in that step too, so vLLM recomputes them. Every request that waits for a load gets exactly
+  one load job, possibly with nothing to copy (its request was aborted meanwhile): vLLM frees the
+  blocks of a request that ends while waiting only after the worker reports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
+
+from flexkv_core.layout import KVLayout
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """Where the CPU tier lives: what a worker needs to map it (`flexkv_core.tiers.cpu.CpuPool.attach`)."""
+
+    name: str
+    num_slots: int
+    slot_bytes: int
+    layout: KVLayout
+
+
+@dataclass
+class StoreJob:
+    """Copy engine blocks into pool slots (``block_ids[i]`` -> ``slots[i]``)."""
+
+    job_id: int
+    req_id: str
+    block_ids: list[int]
+    slots: list[int]
+
+
+@dataclass
+class LoadJob:
+    """Copy pool slots into engine blocks (``slots[i]`` -> ``block_ids[i]``), then report ``req_id``."""
+
+    job_id: int
+    req_id: str
+    block_ids: list[int]
+    slots: list[int]
+    #: engine blocks vLLM expects us to fill but that we cannot (evicted, failed SSD read): load errors
+    failed_block_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class FlexKVConnectorMetadata(KVConnectorMetadata):
+    pool: PoolInfo | None
+    loads: list[LoadJob] = field(default_factory=list)
+    stores: list[StoreJob] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not self.loads and not self.stores
+
+
+@dataclass
+class FlexKVWorkerMetadata(KVConnectorWorkerMetadata):
+    """One step's answer of the workers: per job id, how many workers finished it, and how many failed.
+
+    A job is over when ``done + failed`` reaches the number of workers; it succeeded if none failed.
+    """
+
+    done: dict[int, int] = field(default_factory=dict)
+    failed: dict[int, int] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if not isinstance(other, FlexKVWorkerMetadata):
+            raise TypeError(f"cannot aggregate FlexKVWorkerMetadata with {type(other).__name__}")
+        done = dict(self.done)
+        for job_id, n in other.done.items():
+            done[job_id] = done.get(job_id, 0) + n
+        failed = dict(self.failed)
+        for job_id, n in other.failed.items():
+            failed[job_id] = failed.get(job_id, 0) + n
+        return FlexKVWorkerMetadata(done, failed)
+
+    def is_empty(self) -> bool:
+        return not self.done and not self.failed
