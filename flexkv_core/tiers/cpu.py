@@ -1,0 +1,338 @@
+"""The CPU tier's memory: one shared-memory region of fixed-size slots.
+
+The scheduler-side cache *creates* the pool; every TP worker process *attaches* to it by name and copies
+its own rank's part of each slot (see `flexkv_core.transfer`). The region is a plain file in /dev/shm,
+mapped with ``mmap``:
+
+* no ``multiprocessing.shared_memory``: on Python < 3.13 its resource_tracker registers attachers too,
+  unlinks the region when an attacher exits and warns about "leaked shared_memory objects";
+* ``mmap`` returns page-aligned memory, so every slot (a multiple of 4096 bytes) is a valid O_DIRECT buffer
+  for the SSD tier;
+* ``ftruncate`` makes a sparse file: pages are allocated on first touch, so a 16 GiB pool costs nothing
+  until it is used (`CpuPool.prefault` touches everything up front, for benchmarks);
+* the owner holds an exclusive ``flock`` on the file for as long as it lives. The kernel drops the lock
+  when the owner dies, however it dies, so a region nobody holds is *stale*: `CpuPool.create` replaces a
+  stale region of the same name, `CpuPool.attach` refuses one (its bytes belong to no index any more),
+  and `CpuPool.remove_stale` sweeps those left by crashed owners.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import os
+import re
+import secrets
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..layout import ALIGN
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported only where needed (tensor(), pin()): a process that only maps the pool (the CLI, the
+# SSD tier's tests) should not pay seconds of torch import.
+
+log = logging.getLogger(__name__)
+
+#: Where the regions live. POSIX shared memory on Linux is exactly a tmpfs mounted here.
+SHM_DIR = "/dev/shm"
+
+#: Linux >= 5.14: populate the page tables of a shared mapping for writing, without changing a byte.
+_MADV_POPULATE_WRITE = 23
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+
+
+def _path(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(f"CPU pool name {name!r} is not a valid name: use 1-200 characters of "
+                         "letters, digits, '_', '.', '-' (not starting with '.' or '-')")
+    return os.path.join(SHM_DIR, name)
+
+
+def _check_geometry(num_slots: int, slot_bytes: int) -> None:
+    if not isinstance(num_slots, int) or num_slots <= 0:
+        raise ValueError(f"CPU pool num_slots must be a positive int, got {num_slots!r}")
+    if not isinstance(slot_bytes, int) or slot_bytes <= 0 or slot_bytes % ALIGN:
+        raise ValueError(f"CPU pool slot_bytes must be a positive multiple of {ALIGN}, got {slot_bytes!r}")
+
+
+def _owner_alive(path: str) -> bool | None:
+    """Whether a live owner holds the region at ``path``; None if there is no such file."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the probe's lock if it got one
+    return False
+
+
+def _remove_if_stale(path: str) -> bool:
+    """Unlink the region at ``path`` if its owner is gone. True if it was removed (or already gone)."""
+    try:
+        before = os.stat(path)
+    except FileNotFoundError:
+        return True
+    alive = _owner_alive(path)
+    if alive:
+        return False
+    try:
+        # Only unlink the very file we probed: a new owner may have replaced it meanwhile.
+        if os.stat(path).st_ino == before.st_ino:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return True
+
+
+@dataclass
+class _Mapping:
+    """What must be released when a pool goes away (held by the finalizer, not by the pool)."""
+
+    mm: mmap.mmap
+    lock_fd: int | None  # the owner's locked descriptor; None for attachers
+    path: str | None  # set for the owner, which unlinks the name
+    pid: int  # the process that made the mapping: a forked child must not unlink its parent's region
+    pinned_ptr: int | None = None
+
+
+def _release(m: _Mapping) -> None:
+    if m.pinned_ptr is not None:
+        import torch
+
+        err = int(torch.cuda.cudart().cudaHostUnregister(m.pinned_ptr))
+        if err:
+            log.warning("cudaHostUnregister of CPU pool failed with cudaError %d", err)
+        m.pinned_ptr = None
+    if m.path is not None and m.lock_fd is not None and m.pid == os.getpid():
+        try:
+            if os.stat(m.path).st_ino == os.fstat(m.lock_fd).st_ino:  # still our file under that name
+                os.unlink(m.path)
+        except FileNotFoundError:
+            pass
+    try:
+        m.mm.close()
+    except BufferError:
+        # Arrays, tensors or slot memoryviews handed out earlier still point into the mapping. Unmapping
+        # now would turn them into dangling pointers; the mapping goes away when the last of them does.
+        log.debug("CPU pool %s: views still alive, unmapped when they are released", m.path)
+    if m.lock_fd is not None:
+        os.close(m.lock_fd)  # releases the owner lock: from now on the name (if still there) is stale
+        m.lock_fd = None
+
+
+class CpuPool:
+    """``num_slots`` slots of ``slot_bytes`` bytes in one named shared-memory region.
+
+    Use ``CpuPool.create`` in the process that owns the cache and ``CpuPool.attach`` in the others.
+    ``close()`` (or leaving a ``with`` block) unmaps; the owner also removes the name. Views handed out by
+    `array`, `tensor` and `slot` should not outlive ``close()``: they stay memory-safe (the mapping lasts
+    until the last of them is gone) but no longer belong to any cache.
+    """
+
+    def __init__(self, name: str, num_slots: int, slot_bytes: int, mapping: _Mapping) -> None:
+        # Use create() or attach(); this only wires up an existing mapping.
+        self.name = name
+        self.num_slots = num_slots
+        self.slot_bytes = slot_bytes
+        self.nbytes = num_slots * slot_bytes
+        self.owner = mapping.path is not None
+        self._mapping = mapping
+        self._array = np.frombuffer(mapping.mm, dtype=np.uint8).reshape(num_slots, slot_bytes)
+        self._tensor: torch.Tensor | None = None
+        self._view = memoryview(mapping.mm)
+        self._finalizer = weakref.finalize(self, _release, mapping)
+
+    # -- construction -------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, num_slots: int, slot_bytes: int, name: str | None = None) -> CpuPool:
+        """Create a new region (the caller owns it). ``name`` defaults to a fresh unique one.
+
+        A region of the same name whose owner is dead is replaced; one with a live owner is an error.
+        """
+        _check_geometry(num_slots, slot_bytes)
+        if name is None:
+            name = f"flexkv-{os.getpid()}-{secrets.token_hex(4)}"
+        path = _path(name)
+        nbytes = num_slots * slot_bytes
+        if not os.path.isdir(SHM_DIR):
+            raise OSError(f"{SHM_DIR} does not exist: the CPU pool needs POSIX shared memory (Linux)")
+        st = os.statvfs(SHM_DIR)
+        free = st.f_bavail * st.f_frsize
+        if nbytes > free:
+            # Touching pages past tmpfs's size kills the process with SIGBUS later: refuse now.
+            raise MemoryError(f"CPU pool {name!r} of {nbytes / 2**30:.2f} GiB does not fit in {SHM_DIR} "
+                              f"({free / 2**30:.2f} GiB free): lower the CPU cache size or enlarge {SHM_DIR} "
+                              "(e.g. docker --shm-size)")
+
+        # Build the file under a hidden temporary name, lock it, and only then give it its real name
+        # (link fails if the name exists), so that nobody ever sees our region unlocked.
+        tmp = os.path.join(SHM_DIR, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, nbytes)
+            while True:
+                try:
+                    os.link(tmp, path)
+                    break
+                except FileExistsError:
+                    if not _remove_if_stale(path):
+                        raise FileExistsError(f"CPU pool {name!r} ({path}) is held by a live owner; "
+                                              "pick another name or stop that process") from None
+                    log.warning("replaced stale CPU pool %s left by a dead owner", path)
+            try:
+                mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except BaseException:
+                os.unlink(path)
+                raise
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            os.unlink(tmp)
+        log.info("created CPU pool %s: %d slots of %d B (%.2f GiB)", path, num_slots, slot_bytes,
+                 nbytes / 2**30)
+        return cls(name, num_slots, slot_bytes, _Mapping(mm=mm, lock_fd=fd, path=path, pid=os.getpid()))
+
+    @classmethod
+    def attach(cls, name: str, num_slots: int, slot_bytes: int) -> CpuPool:
+        """Map the region another process created. Its size must be exactly ``num_slots * slot_bytes``."""
+        _check_geometry(num_slots, slot_bytes)
+        path = _path(name)
+        nbytes = num_slots * slot_bytes
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"CPU pool {name!r} not found ({path} does not exist): "
+                                    "has its owner created it, on this host?") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size != nbytes:
+                raise ValueError(f"CPU pool {name!r} holds {size} bytes, expected {nbytes} "
+                                 f"({num_slots} slots x {slot_bytes} B): layouts differ between processes")
+            if _owner_alive(path) is False:
+                raise FileNotFoundError(f"CPU pool {name!r} ({path}) is stale: its owner has exited")
+            mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)  # the mapping keeps the memory; only the owner keeps a (locked) descriptor
+        log.debug("attached CPU pool %s", path)
+        return cls(name, num_slots, slot_bytes, _Mapping(mm=mm, lock_fd=None, path=None, pid=os.getpid()))
+
+    @staticmethod
+    def remove_stale(prefix: str = "flexkv-") -> list[str]:
+        """Remove regions named ``prefix*`` whose owner is dead (e.g. killed with SIGKILL). Returns their names."""
+        removed = []
+        for entry in sorted(os.listdir(SHM_DIR)):
+            if entry.startswith(prefix) and _NAME_RE.fullmatch(entry):
+                path = os.path.join(SHM_DIR, entry)
+                if _owner_alive(path) is False and _remove_if_stale(path):
+                    log.warning("removed stale CPU pool %s", path)
+                    removed.append(entry)
+        return removed
+
+    # -- views --------------------------------------------------------------------------------------------
+
+    def array(self) -> np.ndarray:
+        """The whole pool as a uint8 ``(num_slots, slot_bytes)`` array (a view, no copy)."""
+        self._check_open()
+        return self._array
+
+    def tensor(self) -> torch.Tensor:
+        """The whole pool as a torch.uint8 ``(num_slots, slot_bytes)`` CPU tensor sharing the memory."""
+        self._check_open()
+        if self._tensor is None:
+            import torch
+
+            self._tensor = torch.from_numpy(self._array)
+        return self._tensor
+
+    def slot(self, i: int) -> memoryview:
+        """A writable view of slot ``i``: page-aligned, usable as an O_DIRECT buffer."""
+        self._check_open()
+        if not 0 <= i < self.num_slots:
+            raise IndexError(f"slot {i} outside 0..{self.num_slots - 1} of CPU pool {self.name!r}")
+        return self._view[i * self.slot_bytes:(i + 1) * self.slot_bytes]
+
+    def data_ptr(self) -> int:
+        """Address of slot 0 in this process."""
+        self._check_open()
+        return int(self._array.ctypes.data)
+
+    # -- memory -------------------------------------------------------------------------------------------
+
+    def prefault(self) -> None:
+        """Allocate and map every page now (benchmarks: keep first-touch page faults out of the timings)."""
+        self._check_open()
+        try:
+            self._mapping.mm.madvise(_MADV_POPULATE_WRITE)
+        except OSError:
+            # Older kernel. Rewriting one byte per page with itself faults it in without changing data,
+            # as long as nobody else writes the pool meanwhile (which is why this is for benchmarks).
+            flat = self._array.reshape(-1)[::mmap.PAGESIZE]
+            flat[:] = flat
+
+    def pin(self) -> bool:
+        """Register the region with CUDA (page-locked, DMA-able). False, doing nothing, without CUDA.
+
+        Pinning faults in and locks every page of the pool. Unregistered by `close`.
+        """
+        self._check_open()
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        if self._mapping.pinned_ptr is None:
+            ptr = self.data_ptr()
+            # Portable (1): pinned for every CUDA context of this process, not only the current one.
+            err = int(torch.cuda.cudart().cudaHostRegister(ptr, self.nbytes, 1))
+            if err:
+                raise RuntimeError(f"cudaHostRegister of CPU pool {self.name!r} ({self.nbytes} B) failed "
+                                   f"with cudaError {err} (is the memlock limit too low?)")
+            self._mapping.pinned_ptr = ptr
+        return True
+
+    @property
+    def pinned(self) -> bool:
+        return self._mapping.pinned_ptr is not None
+
+    # -- lifetime -----------------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def close(self) -> None:
+        """Unmap (the owner also removes the name). Safe to call more than once."""
+        if self._finalizer.alive:
+            # Drop our own views first so that they do not keep the mapping alive.
+            self._view.release()
+            del self._tensor, self._array
+            self._finalizer()
+
+    def _check_open(self) -> None:
+        if not self._finalizer.alive:
+            raise ValueError(f"CPU pool {self.name!r} is closed")
+
+    def __enter__(self) -> CpuPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        role = "owner" if self.owner else "attached"
+        state = "closed" if self.closed else role
+        return f"CpuPool({self.name!r}, {self.num_slots} x {self.slot_bytes} B, {state})"
