@@ -86,6 +86,8 @@ class TieredCache:
         self.metrics = metrics or make_metrics(config, instance=pool_name or config.server_recv_port)
         self._lock = threading.RLock()
         self.events = EventLog()
+        # Engines killed with SIGKILL leave their pools in /dev/shm; sweep those of dead owners first.
+        CpuPool.remove_stale()
         self.pool = CpuPool.create(cpu_slots, slot_bytes, name=pool_name)
         self.pool_name = self.pool.name
         self.ssd: SsdStore | None = None

@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Any
 from flexkv_core.cache import LoadPlan, StorePlan, TieredCache
 from flexkv_core.config import FlexKVConfig, configure_logging
 from flexkv_core.layout import CacheIdentity, KVLayout
-from flexkv_core.tiers.cpu import CpuPool
 
 from .kv_events import check_int_block_hashes, engine_hash_to_int, tier_events_enabled, to_vllm_events
 from .metadata import FlexKVConnectorMetadata, FlexKVWorkerMetadata, LoadJob, PoolInfo, StoreJob
@@ -190,9 +189,6 @@ class FlexKVScheduler:
         events_config = getattr(vllm_config, "kv_events_config", None)
         if self._events_enabled and events_config is not None and events_config.enable_kv_cache_events:
             check_int_block_hashes()  # bytes hashes: neither vLLM's nor our events would reach the router
-        # Engines killed with SIGKILL leave their pools in /dev/shm (nothing runs at such an exit); sweep
-        # those whose owner is gone before adding ours, or a crash-looping worker fills the tmpfs.
-        CpuPool.remove_stale()
         self.cache = TieredCache(config, self.identity)
         self.pool_info = PoolInfo(self.cache.pool_name, self.cache.pool.num_slots, layout.slot_bytes, layout)
         self._requests: dict[str, _Request] = {}
