@@ -199,6 +199,10 @@ class TieredCache:
                     self.index.pin(Tier.CPU, b.hash)
                     plan._pinned.append(b.hash)
             missing = [b for b in chain if not b.ready(Tier.CPU) and b.hash not in self._staging]
+            # ... and the SSD copies to stage: making CPU room can demote CPU blocks to SSD, whose
+            # SSD room must not come from the very blocks we are about to read.
+            for b in missing:
+                self.index.pin(Tier.SSD, b.hash)
             staging = self._allocate(Tier.CPU, len(missing)) if missing else []
             whole = len(staging) == len(missing)
             if not whole:  # keep the prefix up to the first block we cannot stage
@@ -207,6 +211,8 @@ class TieredCache:
                     if b.hash in plan._pinned:
                         self.index.unpin(Tier.CPU, b.hash)
                         plan._pinned.remove(b.hash)
+                for b in missing[len(staging):]:
+                    self.index.unpin(Tier.SSD, b.hash)
                 chain = chain[:cut]
                 missing = missing[:len(staging)]
             joined = [b.hash for b in chain if b.hash in self._staging]
@@ -216,7 +222,6 @@ class TieredCache:
             for b in missing:
                 self.index.begin_fill(Tier.CPU, b.hash, staged[b.hash])
                 self.index.pin(Tier.CPU, b.hash)
-                self.index.pin(Tier.SSD, b.hash)
                 plan._pinned.append(b.hash)
                 self._staging[b.hash] = []
             for b in chain:
@@ -397,17 +402,30 @@ class TieredCache:
         return alloc.alloc(n)
 
     def _evict(self, tier: Tier, n: int) -> None:
-        victims, demote = [], []
-        for b in self.index.eviction_candidates(tier, n):
-            if tier is Tier.CPU and self.ssd is not None and not b.held(Tier.SSD):
-                demote.append(b)  # the only copy: write it to SSD first, evict it in a later round
-            else:
-                victims.append(b.hash)
-        if victims:
-            self._free(tier, self.index.remove(tier, victims))
-            self.metrics.evicted(tier, len(victims))
-        if demote:
-            self._write_back(demote)
+        """Free up to ``n`` slots of ``tier``. Only leaves are candidates, so evicting a chain's tail makes
+        its parent a candidate: go round until enough is free or nothing is left to take."""
+        freed = 0
+        while freed < n:
+            victims, demote = [], []
+            for b in self.index.eviction_candidates(tier, n - freed):
+                if tier is Tier.CPU and self.ssd is not None and not b.held(Tier.SSD):
+                    demote.append(b)  # the only copy: write it to SSD first, evict it in a later round
+                else:
+                    victims.append(b.hash)
+            if victims:
+                self._free(tier, self.index.remove(tier, victims))
+                self.metrics.evicted(tier, len(victims))
+                freed += len(victims)
+            if demote:
+                # Written ones are pinned until on SSD (not offered again in this loop); those SSD has no
+                # room for are evicted outright, as they would be without an SSD tier.
+                unwritten = [b.hash for b in self._write_back(demote)]
+                if unwritten:
+                    self._free(tier, self.index.remove(tier, unwritten))
+                    self.metrics.evicted(tier, len(unwritten))
+                    freed += len(unwritten)
+            if not victims and not demote:
+                break
 
     def _remove_all(self, tier: Tier) -> int:
         victims = [b.hash for b in self.index.blocks() if b.ready(tier) and not b.pinned(tier)]
@@ -420,17 +438,18 @@ class TieredCache:
         if tier is Tier.SSD and self.ssd is not None:
             self.ssd.forget(slots)
 
-    def _write_back(self, blocks: list[Block | None]) -> None:
-        """Queue SSD copies of CPU-ready blocks that have none; the CPU copy is pinned while it is read."""
+    def _write_back(self, blocks: list[Block | None]) -> list[Block]:
+        """Queue SSD copies of CPU-ready blocks that have none; the CPU copy is pinned while it is read.
+        Returns the blocks that needed a copy but got no SSD slot."""
         if self.ssd is None:
-            return
+            return []
         todo = [b for b in blocks if b is not None and b.ready(Tier.CPU) and not b.held(Tier.SSD)]
         if not todo:
-            return
+            return []
         slots = self._allocate(Tier.SSD, len(todo))
-        todo = todo[:len(slots)]
+        todo, left = todo[:len(slots)], todo[len(slots):]
         if not todo:
-            return
+            return left
         items = []
         for b, slot in zip(todo, slots):
             self.index.begin_fill(Tier.SSD, b.hash, slot)
@@ -442,6 +461,7 @@ class TieredCache:
         fut = self.ssd.write(items)
         self._io.add(fut)
         fut.add_done_callback(lambda f: self._written(hashes, f, started))
+        return left
 
     def _written(self, hashes: list[int], fut: Future, started: float) -> None:
         results = _results(fut, len(hashes))

@@ -1,0 +1,53 @@
+"""Trace replay through the real Dynamo KV router, with simulated workers and our real tiers (no model).
+
+Operators size a KV cache before buying memory and SSDs; this replay answers "how much prefill would
+tiers save on this trace, with this many workers, under Dynamo's router". Modules:
+
+* `replay.trace`: Mooncake traces (load, keep every k-th request), synthetic tokens, engine hashes;
+* `replay.worker`: a simulated worker (GPU prefix cache + a real `flexkv_core.TieredCache`) and the KV
+  events it publishes, in three styles;
+* `replay.router`: N workers registered with a real Dynamo runtime, one relay each, one real KvRouter;
+* `replay.runner`: the replay loop, configurations, the oracle;
+* `replay.report`: tables and plots. The CLI is ``bench/trace_replay.py``.
+
+Replay semantics
+----------------
+
+* **Requests** are replayed one at a time in timestamp order (optionally every k-th line of the file,
+  ``--every``; 6 is the published method). No model runs, so wall-clock time does not matter; simulated
+  time (below) only feeds the router's load view.
+* **Tokens.** Hash id ``h`` stands for the 512 tokens ``h*512 .. h*512+511``, so equal ids give equal
+  tokens; a prompt is its blocks' tokens cut to ``input_length``. The router hashes tokens itself
+  (XXH3-64, seed 1337, of u32 little-endian tokens per block); the workers name blocks by engine hashes
+  chained over the tokens (`flexkv_core.hashing.chain_hashes`), as vLLM names them by
+  ``request.block_hashes``. Blocks are 512 tokens for the engine, our tiers and the router alike.
+* **Routing** is the real router's decision: ``KvRouter.best_worker(tokens, request_id=...)`` applies
+  Dynamo's cost (prefill tokens left after crediting cached blocks: device hits fully, host hits by the
+  host weight, disk hits by the disk weight, as ``--router-host-cache-hit-weight`` /
+  ``--router-disk-cache-hit-weight`` set them in ``KvRouterConfig``; plus the decode load it tracks per
+  worker). Nothing of the cost is reimplemented here. The request is booked on the chosen worker and
+  reported with ``mark_prefill_complete`` / ``free`` at its simulated prefill end and finish: prefill
+  lasts its recomputed tokens at ``--prefill-tps``, decode ``output_length * --tpot-ms``. The router
+  breaks cost ties at random (unseeded), so repeated runs differ slightly: ``--repeats``.
+* **Serving.** The chosen worker serves the longest prefix its GPU cache holds, continues it from our
+  CPU tier, then our SSD tier (``TieredCache.lookup`` / ``prepare_load``, SSD blocks really read and
+  staged into CPU slots, ``finish_load``), and recomputes the rest. The block holding the prompt's last
+  token is never reused (vLLM computes at least one token). Only prompt blocks are cached: the trace
+  does not say what was generated.
+* **Storing.** Every full block of the prompt then becomes cached on the worker's GPU (LRU of
+  ``--gpu-blocks``, a chain made most recent tail first as vLLM frees it, evictions announced as GPU
+  ``BlockRemoved``) and is stored into our tiers (``reserve_store`` / ``complete_store``; our cache writes
+  CPU blocks through to SSD in the background and evicts by its policy). Engine bytes are not needed:
+  a block is one 4 KiB slot of a tiny layout, its content irrelevant.
+* **Events.** The worker publishes, in one batch: vLLM's GPU events (Removed, then Stored with tokens
+  and parent) and our tiers' events, which differ by configuration: none (``no-offload``: no tiers);
+  upstream FlexKV's style (``upstream-events``: own hashes, no parent, ``token_ids=[]``, medium
+  "CPU"/"SSD"; Dynamo indexes none of it, so the router routes on GPU contents only while the workers
+  still serve from their tiers); ours (``tier-aware``: `flexkv_dynamo.kv_events.to_vllm_events`,
+  ``CPU_PINNED`` / ``DISK``, vLLM's hashes, full tokens). A probe closes each batch and the next
+  request is routed only once the router has applied it (`replay.router`).
+* **Outputs** per configuration: the fraction of prompt tokens served from GPU / CPU / SSD and
+  recomputed; the oracle (an infinite cache shared by all workers: every full block seen before is
+  reusable, as a prefix); the gap to it, split into *routing* loss (some worker held more of the prefix
+  than the chosen one) and *capacity* loss (no worker held it any more).
+"""

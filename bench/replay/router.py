@@ -1,0 +1,227 @@
+"""The real Dynamo 1.6.1 KV router, fed by the KV events of simulated workers, offline.
+
+Wiring (as ``dynamo.vllm`` workers + ``dynamo.frontend --router-mode kv`` do it, FIELD_NOTES §4)::
+
+    worker i: our ZMQ publisher (PUB, binds)  ->  dynamo.llm.KvEventPublisher relay of worker i (SUB)
+        -> Dynamo event plane (zmq)  ->  dynamo.llm.KvRouter  ->  best_worker(tokens)
+
+Each worker is its own `DistributedRuntime` serving a registered (model-less) endpoint, so the router
+sees N distinct workers exactly as in a deployment; the router has a runtime of its own, like a frontend.
+Discovery is a file store in a temporary directory, the event plane zmq on loopback: no etcd, no NATS.
+
+Routing decisions are the router's own: `ReplayRouter.choose` calls ``KvRouter.best_worker`` with a
+request id, which runs Dynamo's cost function (prefill tokens left after crediting device hits fully,
+host hits by ``host_cache_hit_weight`` and disk hits by ``disk_cache_hit_weight``, plus the decode load
+it tracks per worker) and books the request on the chosen worker; `prefill_done` and `finished` tell it
+when the request's prefill ended and when it left, as the frontend does during generation.
+
+A barrier keeps the replay exact: every batch a worker publishes ends with a probe, a one-block GPU
+prefix of tokens no trace uses (replacing the previous probe), and `publish` returns only once the router
+reports that probe for that worker. Batches from one publisher are applied in order, so the router then
+knows everything the worker said, and the next request is routed on the state it left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flexkv_dynamo.kv_events import MEDIUM_GPU
+from flexkv_dynamo.publisher import KvEventPublisher
+
+from .trace import PROBE_TOKEN_BASE
+
+log = logging.getLogger(__name__)
+
+#: Dynamo binds its servers to the machine's address unless told otherwise: keep them on loopback.
+LOOPBACK_ENV = ("DYN_TCP_RPC_HOST", "DYN_EVENT_PLANE_HOST", "DYN_TCP_RESPONSE_STREAM_HOST", "DYN_SYSTEM_HOST")
+
+#: How long a probe may take to reach the router before the replay stops with an error.
+SYNC_TIMEOUT_S = 30.0
+#: At start, PUB/SUB drops batches sent before the relay's subscription is in place: probes are resent
+#: this often until one arrives.
+STARTUP_RESEND_S = 0.5
+
+
+@dataclass(frozen=True)
+class RouterWeights:
+    """The router's credit for cached blocks outside the GPU (``--router-host-cache-hit-weight`` and
+    ``--router-disk-cache-hit-weight`` of ``dynamo.frontend``)."""
+
+    host: float = 0.75
+    disk: float = 0.25
+
+    def __post_init__(self) -> None:
+        for name in ("host", "disk"):
+            value = getattr(self, name)
+            if not 0.0 <= value:
+                raise ValueError(f"{name} cache hit weight must be >= 0, got {value}")
+
+
+@contextmanager
+def dynamo_env(workdir: Path, log_level: str = "error") -> Iterator[None]:
+    """Environment Dynamo's runtime reads at start: loopback hosts, a file discovery store in
+    ``workdir``, and quiet logs (``DYN_LOG``, unless the caller set it). Restored on exit."""
+    values = {name: "127.0.0.1" for name in LOOPBACK_ENV}
+    values["DYN_FILE_KV"] = str(Path(workdir) / "discovery")
+    values["DYN_LOG"] = os.environ.get("DYN_LOG", log_level)
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def probe_tokens(n: int, block_size: int) -> list[int]:
+    """The tokens of probe ``n``: above every trace token, unique in the first token."""
+    return [PROBE_TOKEN_BASE + n % (1 << 24)] + [PROBE_TOKEN_BASE] * (block_size - 1)
+
+
+class ReplayRouter:
+    """N registered workers with their relays and publishers, and one KvRouter; use `start`."""
+
+    def __init__(self, num_workers: int, block_size: int, weights: RouterWeights) -> None:
+        self.num_workers = num_workers
+        self.block_size = block_size
+        self.weights = weights
+        self.namespace = f"replay{uuid.uuid4().hex[:8]}"
+        self.publishers: list[KvEventPublisher] = []
+        self.worker_ids: list[int] = []
+        self._index_of: dict[int, int] = {}
+        self._runtimes: list[Any] = []
+        self._relays: list[Any] = []
+        self._serving: list[asyncio.Future] = []
+        self._last_probe: list[int | None] = [None] * num_workers
+        self._probes = 0
+        self.router: Any = None
+        self.sync_seconds = 0.0  # total time spent waiting for probes (the barrier's cost)
+
+    @classmethod
+    async def start(cls, num_workers: int, block_size: int, weights: RouterWeights) -> ReplayRouter:
+        """Register the workers and start the router (inside `dynamo_env`, on the running loop)."""
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self = cls(num_workers, block_size, weights)
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        from dynamo.llm import KvEventPublisher as DynamoRelay
+        from dynamo.llm import KvRouter, KvRouterConfig, ModelInput, ModelType, WorkerType, register_model
+        from dynamo.runtime import DistributedRuntime
+
+        loop = asyncio.get_running_loop()
+        path = f"{self.namespace}.worker.generate"
+
+        async def generate(request: Any) -> Any:  # never called: the replay only asks for routing
+            yield {"token_ids": []}
+
+        for _ in range(self.num_workers):
+            runtime = DistributedRuntime(loop, "file", "tcp", event_plane="zmq")
+            self._runtimes.append(runtime)
+            endpoint = runtime.endpoint(path)
+            self._serving.append(asyncio.ensure_future(endpoint.serve_endpoint(generate)))
+            await register_model(ModelInput.Tokens, ModelType.Chat | ModelType.Completions, endpoint,
+                                 "trace-replay", "trace-replay", worker_type=WorkerType.Aggregated,
+                                 kv_cache_block_size=self.block_size, skip_model_assets=True)
+            publisher = KvEventPublisher("tcp://127.0.0.1:0", bind=True)
+            self.publishers.append(publisher)
+            # What dynamo.vllm starts for a worker with --kv-events-config: a relay of the engine's events.
+            self._relays.append(DynamoRelay(endpoint, kv_block_size=self.block_size, zmq_endpoint=publisher.endpoint,
+                                            zmq_topic="", enable_local_indexer=True))
+            self.worker_ids.append(endpoint.connection_id())
+        self._index_of = {wid: i for i, wid in enumerate(self.worker_ids)}
+        if len(self._index_of) != self.num_workers:
+            raise RuntimeError(f"workers share instance ids: {self.worker_ids}")
+        frontend = DistributedRuntime(loop, "file", "tcp", event_plane="zmq")
+        self._runtimes.append(frontend)
+        config = KvRouterConfig(host_cache_hit_weight=self.weights.host, disk_cache_hit_weight=self.weights.disk)
+        self.router = KvRouter(frontend.endpoint(path), self.block_size, config)
+        for i in range(self.num_workers):
+            await self.publish(i, [], resend_every=STARTUP_RESEND_S)
+        log.info("router ready: %d workers %s, weights host %.2f disk %.2f", self.num_workers, self.worker_ids,
+                 self.weights.host, self.weights.disk)
+
+    async def choose(self, tokens: Sequence[int], request_id: str) -> int:
+        """The router's pick for a prompt (index of the worker); books the request on it."""
+        worker_id, _dp_rank, _overlap = await self.router.best_worker(list(tokens), request_id=request_id)
+        try:
+            return self._index_of[worker_id]
+        except KeyError:
+            raise RuntimeError(f"router chose worker {worker_id}, not one of ours {self.worker_ids}") from None
+
+    async def prefill_done(self, request_id: str) -> None:
+        await self.router.mark_prefill_complete(request_id)
+
+    async def finished(self, request_id: str) -> None:
+        await self.router.free(request_id)
+
+    async def overlap(self, tokens: Sequence[int]) -> dict[int, dict[str, int]]:
+        """The router's view of a prompt: worker index -> its row of ``get_overlap_scores``."""
+        scores = await self.router.get_overlap_scores(list(tokens))
+        return {self._index_of[row["worker_id"]]: row for row in scores["workers"] if row["worker_id"] in self._index_of}
+
+    async def publish(self, worker: int, events: list[Any], *, resend_every: float | None = None) -> None:
+        """Publish one batch of ``worker``'s events and wait until the router has applied it."""
+        from vllm.distributed.kv_events import BlockRemoved, BlockStored
+
+        self._probes += 1
+        n = self._probes
+        tokens = probe_tokens(n, self.block_size)
+        probe_hash = (1 << 63) + n  # engine hashes of probes: outside what the trace's chained hashes hit in practice
+        batch = list(events)
+        if self._last_probe[worker] is not None:
+            batch.append(BlockRemoved(block_hashes=[self._last_probe[worker]], medium=MEDIUM_GPU))
+        batch.append(BlockStored(block_hashes=[probe_hash], parent_block_hash=None, token_ids=tokens,
+                                 block_size=self.block_size, lora_id=None, medium=MEDIUM_GPU, lora_name=None))
+        self._last_probe[worker] = probe_hash
+        publisher = self.publishers[worker]
+        started = time.perf_counter()
+        publisher.publish(batch)
+        worker_id = self.worker_ids[worker]
+        sent = started
+        pause = 0.0001
+        while True:
+            rows = (await self.router.get_overlap_scores(tokens))["workers"]
+            if any(r["worker_id"] == worker_id and r["device_blocks"] == 1 for r in rows):
+                break
+            now = time.perf_counter()
+            if now - started > SYNC_TIMEOUT_S:
+                raise TimeoutError(f"the router did not apply worker {worker}'s batch of {len(events)} events "
+                                   f"within {SYNC_TIMEOUT_S}s (a batch it dropped, or a dead relay on "
+                                   f"{publisher.endpoint})")
+            if resend_every is not None and now - sent > resend_every:
+                publisher.publish(batch)  # start-up only: the batch holds nothing but the probe
+                sent = now
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.002)
+        self.sync_seconds += time.perf_counter() - started
+
+    async def close(self) -> None:
+        for relay in self._relays:
+            relay.shutdown()
+        for task in self._serving:
+            task.cancel()
+        for runtime in self._runtimes:
+            runtime.shutdown()
+        for publisher in self.publishers:
+            publisher.close()
+        await asyncio.sleep(0.2)  # let the runtimes' tasks see the cancellation
+        self._relays, self._serving, self._runtimes, self.publishers = [], [], [], []

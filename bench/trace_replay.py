@@ -1,0 +1,124 @@
+"""Replay a Mooncake trace through the real Dynamo KV router against simulated workers with our real tiers.
+
+    .venv/bin/python bench/trace_replay.py                       # conversation trace, every 6th request
+    .venv/bin/python bench/trace_replay.py --every 1 --repeats 1 # all 12,031 requests
+    .venv/bin/python bench/trace_replay.py --limit 300 --configs no-offload,tier-aware --out /tmp/replay
+
+No model runs: each worker is a GPU prefix cache (LRU of --gpu-blocks blocks) plus a real flexkv_core
+TieredCache (--cpu-blocks, --ssd-blocks, SSD files in a temp dir); the router is Dynamo 1.6.1's KvRouter fed
+by the KV events the workers publish. Reports, per configuration, where prompt tokens came from (GPU, CPU,
+SSD, recomputed) and the gap to an oracle with an infinite shared cache. See bench/replay/__init__.py for
+the replay's exact semantics, and bench/README.md for results.
+
+Configurations (--configs, comma-separated): NAME or NAME@HOST/DISK (the router's host / disk cache-hit
+weights, Dynamo's defaults 0.75/0.25), NAME one of:
+  no-offload       workers have only the GPU cache
+  upstream-events  our tiers, announced as upstream FlexKV does (no tokens, own hashes): the router drops them
+  tier-aware       our tiers, announced with flexkv_dynamo.kv_events (CPU_PINNED / DISK, vLLM's hashes, tokens)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+import time
+from pathlib import Path
+
+from replay.report import summarize, write_report
+from replay.runner import DEFAULT_CONFIGS, TimeModel, oracle, parse_config, run_config
+from replay.trace import MOONCAKE_BLOCK_TOKENS, load_trace
+from replay.worker import Capacity, EventStyle
+
+log = logging.getLogger("trace_replay")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
+DEFAULT_OUT = REPO / "bench" / "results" / "trace_replay"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="Mooncake-format JSONL (default: %(default)s)")
+    ap.add_argument("--every", type=int, default=6, help="keep every K-th request, the published method (default 6)")
+    ap.add_argument("--limit", type=int, default=None, help="replay at most this many requests (after --every)")
+    ap.add_argument("--workers", type=int, default=4, help="simulated workers (default 4)")
+    ap.add_argument("--gpu-blocks", type=int, default=256, help="GPU prefix cache per worker, blocks (default 256)")
+    ap.add_argument("--cpu-blocks", type=int, default=1024, help="our CPU tier per worker, blocks (default 1024)")
+    ap.add_argument("--ssd-blocks", type=int, default=4096, help="our SSD tier per worker, blocks; 0: none (default 4096)")
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                    help="comma-separated NAME[@HOST/DISK] (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs per configuration; the router breaks ties at random (default 3)")
+    ap.add_argument("--tpot-ms", type=float, default=20.0,
+                    help="simulated decode time per output token, for the router's load view (default 20)")
+    ap.add_argument("--prefill-tps", type=float, default=10_000.0,
+                    help="simulated prefill speed in tokens/s of recomputed prompt (default 10000)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report directory (default: %(default)s)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--log-level", default="WARNING", help="Python log level (Dynamo's: DYN_LOG, default error)")
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.tpot_ms < 0 or args.prefill_tps <= 0:
+        ap.error(f"--tpot-ms must be >= 0 and --prefill-tps > 0, got {args.tpot_ms} and {args.prefill_tps}")
+    if not args.trace.is_file():
+        ap.error(f"trace {args.trace} not found: pass --trace PATH to a Mooncake-format JSONL file")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        configs = [parse_config(c) for c in args.configs.split(",") if c.strip()]
+        capacity = Capacity(args.gpu_blocks, args.cpu_blocks, args.ssd_blocks)
+        tiered = [c.name for c in configs if c.style is not EventStyle.NONE]
+        if tiered and not capacity.cpu_blocks:
+            raise ValueError(f"configurations {', '.join(tiered)} need our tiers: --cpu-blocks must be >= 1")
+        if not configs:
+            raise ValueError("--configs names no configuration")
+        requests = load_trace(args.trace, every=args.every, limit=args.limit)
+    except ValueError as exc:
+        print(f"trace_replay: {exc}", file=sys.stderr)
+        return 2
+    if not requests:
+        print(f"trace_replay: no requests in {args.trace}", file=sys.stderr)
+        return 2
+    time_model = TimeModel(prefill_tokens_per_s=args.prefill_tps, tpot_ms=args.tpot_ms)
+    bs = MOONCAKE_BLOCK_TOKENS
+    print(f"{len(requests)} requests from {args.trace} (every {args.every}), {args.workers} workers, "
+          f"GPU/CPU/SSD {args.gpu_blocks}/{args.cpu_blocks}/{args.ssd_blocks} blocks of {bs} tokens each")
+
+    best = oracle(requests, bs)
+    rows, first_runs = [], []
+    started = time.perf_counter()
+    for cfg in configs:
+        runs = []
+        for rep in range(args.repeats):
+            run = run_config(requests, cfg, capacity, num_workers=args.workers, time_model=time_model,
+                             progress=not args.no_progress, block_size=bs)
+            runs.append(run)
+            f = run.totals.fractions()
+            print(f"  {cfg.name} #{rep + 1}: GPU {f['gpu']:.1%} CPU {f['cpu']:.1%} SSD {f['ssd']:.1%} "
+                  f"recomputed {f['recomputed']:.1%} in {run.wall_s:.1f}s", flush=True)
+        rows.append(summarize(runs, best))
+        first_runs.append(runs[0])
+    meta = {
+        "trace": str(args.trace), "trace_name": args.trace.name, "every": args.every, "limit": args.limit,
+        "requests": len(requests), "prompt_tokens": best.totals.prompt, "workers": args.workers,
+        "block_tokens": bs, "gpu_blocks": args.gpu_blocks, "cpu_blocks": args.cpu_blocks,
+        "ssd_blocks": args.ssd_blocks, "repeats": args.repeats, "tpot_ms": args.tpot_ms,
+        "prefill_tokens_per_s": args.prefill_tps, "total_wall_s": round(time.perf_counter() - started, 1),
+        "command": " ".join(["bench/trace_replay.py", *(sys.argv[1:] if argv is None else argv)]),
+    }
+    prompt_series = list(itertools.accumulate(r.input_length for r in requests))
+    paths = write_report(args.out, rows, first_runs, best, prompt_series, meta)
+    print(paths["results.md"].read_text().split("\n```")[0])
+    print(f"report: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
