@@ -21,7 +21,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
@@ -297,6 +297,22 @@ class TieredCache:
 
     def take_events(self) -> list[CacheEvent]:
         return self.events.drain()
+
+    def subscribe(self, listener: Callable[[CacheEvent], None]) -> dict[int, set[Tier]]:
+        """Hand every later event to ``listener`` and return what each tier holds now, in one atomic
+        step: no change is missed or seen twice (the distributed index publisher starts this way)."""
+        with self._lock:
+            self.events.add_listener(listener)
+            held: dict[int, set[Tier]] = {}
+            for b in self.index.blocks():
+                tiers = {t for t in (Tier.CPU, Tier.SSD) if b.ready(t)}
+                if tiers:
+                    held[b.hash] = tiers
+            return held
+
+    def unsubscribe(self, listener: Callable[[CacheEvent], None]) -> None:
+        with self._lock:
+            self.events.remove_listener(listener)
 
     def stats(self) -> dict:
         with self._lock:

@@ -253,10 +253,13 @@ def _endpoint() -> _Rule:
                  from_text, from_value)
 
 
-def _key(default: Any, rule: _Rule, *, env: str | None = None) -> Any:
+def _key(default: Any, rule: _Rule, *, env: str | None = None, secret: bool = False) -> Any:
     """Declare one configuration key: a dataclass field that carries its rule (and its environment
-    name when that is not ``FLEXKV_<FIELD NAME>``)."""
-    return dataclasses.field(default=default, metadata={"rule": rule, "env": env})
+    name when that is not ``FLEXKV_<FIELD NAME>``). A secret is never shown: not in repr, not by the CLI."""
+    return dataclasses.field(default=default, repr=not secret, metadata={"rule": rule, "env": env, "secret": secret})
+
+
+SECRET_SHOWN_AS = "***"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,6 +292,23 @@ class FlexKVConfig:
     enable_metrics: bool = _key(True, _boolean())
     instance_num: int = _key(1, _number(int, 1))
     instance_id: int = _key(0, _number(int, 0, unit="and < instance_num"))
+    # Distributed reuse across nodes (flexkv_core.distributed; deploy/distributed/README.md).
+    enable_distributed: bool = _key(False, _boolean())
+    redis_host: str = _key("127.0.0.1", _Rule("a host name or IP address of the metadata Redis", str.strip, str))
+    redis_port: int = _key(6379, _number(int, 1, hi=65535))
+    redis_password: str | None = _key(None, _Rule("the Redis password (unset: none)", str,
+                                                  lambda v: None if v is None else str(v)), secret=True)
+    redis_db: int = _key(0, _number(int, 0))
+    node_addr: str = _key("127.0.0.1", _Rule("this node's host name or IP address as peers reach it", str.strip, str))
+    te_protocol: str = _key("tcp", _choice(("tcp", "rdma")))
+    te_device: str | None = _key(None, _Rule("transfer-engine device names, e.g. mlx5_0 (unset for tcp)", str.strip,
+                                                lambda v: None if v is None else str(v)))
+    te_metadata: str = _key("P2PHANDSHAKE", _Rule("P2PHANDSHAKE or etcd://HOST:PORT", str.strip, str))
+    te_port: int = _key(0, _number(int, 0, hi=65534, unit="first of 2 transfer-engine ports; 0: any free"))
+    dist_lease_s: float = _key(10.0, _number(float, 0, lo_open=True, unit="seconds"))
+    dist_snapshot_interval_s: float = _key(1.0, _number(float, 0, lo_open=True, unit="seconds"))
+    dist_service_port: int = _key(0, _number(int, 0, hi=65535, unit="tcp port peers call; 0: any free"))
+    dist_timeout_s: float = _key(5.0, _number(float, 0, lo_open=True, unit="seconds per remote call"))
 
     def __post_init__(self) -> None:
         given = {spec.field: _Given(getattr(self, spec.field), f"argument {spec.field}", False)
@@ -654,7 +674,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"flexkv config error: {exc}\n")
         return 2
 
-    rows = [(spec.key, getattr(cfg, spec.field), sources[spec.field]) for spec in _SPECS]
+    secret = {f.name for f in dataclasses.fields(FlexKVConfig) if f.metadata.get("secret")}
+    rows = [(spec.key, SECRET_SHOWN_AS if spec.field in secret and getattr(cfg, spec.field) is not None
+             else getattr(cfg, spec.field), sources[spec.field]) for spec in _SPECS]
     if args.json:
         doc = {key: {"value": _plain(value), "source": source} for key, value, source in rows}
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")

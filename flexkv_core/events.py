@@ -58,6 +58,9 @@ class EventLog:
         """
         self._listeners.append(fn)
 
+    def remove_listener(self, fn: Callable[[CacheEvent], None]) -> None:
+        self._listeners.remove(fn)
+
     def emit(self, event: CacheEvent) -> None:
         if self.enabled:
             with self._lock:

@@ -39,7 +39,7 @@ import weakref
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import wait as wait_futures
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flexkv_core.cache import LoadPlan, StorePlan, TieredCache
@@ -198,10 +198,17 @@ class FlexKVScheduler:
         self._stats = FlexKVConnectorStats()
         self._kv_cache_manager: KVCacheManager | None = None
         self.service = None
+        self.node = None  # distributed reuse (FLEXKV_ENABLE_DISTRIBUTED)
         try:
+            if config.enable_distributed:
+                from flexkv_core.distributed import start_distributed
+
+                self.node = start_distributed(self.cache, config)
             if start_service:
                 self.service = self._start_service()
         except BaseException:
+            if self.node is not None:
+                self.node.close()
             self.cache.close()
             raise
         with _LIVE_LOCK:
@@ -214,9 +221,11 @@ class FlexKVScheduler:
     def _start_service(self):
         from flexkv_core.service import CacheService
 
-        service = CacheService(self.config.server_recv_port,
-                               {"attach": self._attach_info, "status": self.cache.stats},
-                               share=self.config.share_server, name="vllm-flexkv-connector")
+        handlers = self.cache.service_handlers()
+        if self.node is not None:
+            handlers["distributed"] = self.node.describe
+        service = CacheService(self.config.server_recv_port, handlers, share=self.config.share_server,
+                               name="vllm-flexkv-connector")
         service.start()
         if service.attached_to is not None:
             service.stop()
@@ -225,11 +234,6 @@ class FlexKVScheduler:
                 f"{service.attached_to}); the vLLM connector cannot share another process's cache yet: give "
                 "this engine its own port")
         return service
-
-    def _attach_info(self) -> dict[str, Any]:
-        info = self.pool_info
-        return {"pool": info.name, "num_slots": info.num_slots, "slot_bytes": info.slot_bytes,
-                "layout": asdict(info.layout), "fingerprint": self.identity.fingerprint()}
 
     def bind_kv_cache_manager(self, manager: KVCacheManager) -> None:
         self._kv_cache_manager = manager
@@ -455,4 +459,7 @@ class FlexKVScheduler:
         if self.service is not None:
             self.service.stop()
             self.service = None
+        if self.node is not None:
+            self.node.close()
+            self.node = None
         self.cache.close()

@@ -505,3 +505,13 @@ def test_module_main_is_callable_in_process(capsys, monkeypatch):
     monkeypatch.setenv("FLEXKV_LOG_LEVEL", "nope")
     assert config_mod.main(["--no-check"]) == 2
     assert "log_level='nope' from env FLEXKV_LOG_LEVEL" in capsys.readouterr().err
+
+
+def test_redis_password_is_never_shown():
+    env = {"FLEXKV_REDIS_PASSWORD": "hunter2"}
+    cfg = load_config(env, check_resources=False)
+    assert cfg.redis_password == "hunter2"
+    assert "hunter2" not in repr(cfg)
+    out = subprocess.run([sys.executable, "-m", "flexkv_core.config", "--no-check"], capture_output=True, text=True,
+                         env={**os.environ, **env}, check=True).stdout
+    assert "hunter2" not in out and "***" in out
