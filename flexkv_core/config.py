@@ -63,7 +63,8 @@ CONFIG_PATH_ENV = "FLEXKV_CONFIG_PATH"
 
 #: ``FLEXKV_*`` variables that are not configuration keys but belong to other parts of the project; every
 #: other unknown ``FLEXKV_*`` variable is an error (a typo would otherwise be silently ignored).
-FOREIGN_ENV = frozenset({CONFIG_PATH_ENV})
+#: FLEXKV_* variables that belong to other parts of the project (the Dynamo launcher reads these two).
+FOREIGN_ENV = frozenset({CONFIG_PATH_ENV, "FLEXKV_DYNAMO_HOOK", "FLEXKV_KV_EVENTS_PORT"})
 
 #: Names of the SSD tier's data files. Space they already occupy counts as available when checking the
 #: SSD size, so a warm restart over preallocated files is not refused for lack of free space.

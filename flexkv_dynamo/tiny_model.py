@@ -56,6 +56,10 @@ def words(n: int, *, start: int = 0, vocab_words: int | None = None) -> str:
     return " ".join(f"w{(start + i * 7) % vocab}" for i in range(n))
 
 
+#: Messages' contents joined by spaces: the word-level tokenizer then sees only known words.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+
+
 def make_tiny_model(directory: str | os.PathLike[str], spec: TinyModelSpec | None = None) -> str:
     """Write the model (config.json, model.safetensors) and tokenizer into ``directory``; return it.
 
@@ -65,7 +69,7 @@ def make_tiny_model(directory: str | os.PathLike[str], spec: TinyModelSpec | Non
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     marker = os.path.join(directory, _SPEC_FILE)
-    wanted = json.dumps(spec.__dict__, sort_keys=True)
+    wanted = json.dumps({**spec.__dict__, "chat_template": CHAT_TEMPLATE}, sort_keys=True)
     if os.path.exists(marker):
         with open(marker) as fh:
             if fh.read() == wanted:
@@ -83,6 +87,7 @@ def make_tiny_model(directory: str | os.PathLike[str], spec: TinyModelSpec | Non
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", model_max_length=spec.max_positions)
+    fast.chat_template = CHAT_TEMPLATE  # Dynamo's frontend serves chat only for models that have one
     fast.save_pretrained(directory)
 
     config = LlamaConfig(

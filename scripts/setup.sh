@@ -56,6 +56,9 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.base" 2>/dev/null)" != "$BASE
   echo "$BASE" >"$VENV/.base"
 fi
 "$BASE/bin/uv" pip install -q --python "$VENV/bin/python" --no-deps -e "$ROOT"
+# Makes `python -m dynamo.vllm --connector flexkv` work (Dynamo 1.6.1 rejects --connector); a no-op for
+# every other command. Reversible: `python -m flexkv_dynamo.dynamo_hook uninstall`, or FLEXKV_DYNAMO_HOOK=0.
+"$VENV/bin/python" -m flexkv_dynamo.dynamo_hook install >/dev/null
 
 # --- 4. smoke test --------------------------------------------------------------------------------
 "$VENV/bin/python" - <<'PY'

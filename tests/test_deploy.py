@@ -1,0 +1,374 @@
+"""deploy/: the launch scripts and the Kubernetes example.
+
+* The scripts parse (``bash -n``), print their help and refuse bad options by name (fast).
+* single_node.sh with two workers on the tiny model, started as users start it: it waits until the
+  frontend serves, answers a chat request, and on Ctrl-C (SIGINT) stops every process it started,
+  their children included (slow: starts two vLLM engines).
+* The start-up failure path with real etcd + NATS: a worker that dies makes the script stop everything
+  and exit 1 with the worker's log; multi_node.sh's infra and frontend roles come up and go down.
+* The Kubernetes manifests: valid YAML, services select pods that exist, every FLEXKV_* setting is
+  one flexkv_core's configuration accepts, the worker runs the user's command with its own cache
+  endpoint, shared memory and per-pod SSD directory (``kubectl`` is not available here).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import short_tmpdir
+from test_dynamo_e2e import (
+    CHAT_TEMPLATE,
+    base_env,
+    free_port,
+    http_json,
+    tiny_worker_args,
+    write_torchvision_shim,
+)
+from test_launch_args import make_hook_venv
+
+from flexkv_core.config import load_config
+from flexkv_dynamo.tiny_model import words
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+SCRIPTS = ["lib.sh", "single_node.sh", "multi_node.sh"]
+
+
+def run_script(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def started_pids(log_text: str) -> list[int]:
+    return [int(p) for p in re.findall(r"started .*? \(pid (\d+)\)", log_text)]
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of running processes that contain ``text`` (our unique work directory or port)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd and str(os.getpid()) != entry.name:
+            found.append(f"{entry.name}: {cmd}")
+    return found
+
+
+def stop_script(script: subprocess.Popen, out_path: Path) -> None:
+    """After a failure: SIGTERM lets the script stop what it started; then kill whatever is left."""
+    if script.poll() is None:
+        script.send_signal(signal.SIGTERM)
+        try:
+            script.wait(150)
+        except subprocess.TimeoutExpired:
+            os.killpg(script.pid, signal.SIGKILL)
+            script.wait(10)
+    text = out_path.read_text() if out_path.exists() else ""
+    for pid in started_pids(text):  # each in its own process group
+        if group_alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+
+
+# ---- the scripts, statically -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_parse(script):
+    out = run_script("-n", str(DEPLOY / script))
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("script", ["single_node.sh", "multi_node.sh"])
+def test_help_lists_the_router_weights_and_worker_options(script):
+    out = run_script(str(DEPLOY / script), "--help")
+    assert out.returncode == 0, out.stderr
+    for flag in ("--router-host-cache-hit-weight", "--router-disk-cache-hit-weight", "--workers", "--model"):
+        assert flag in out.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["single_node.sh"], "--model is required"),
+    (["single_node.sh", "--model", "m", "--workers", "two"], "--workers must be a positive integer, not 'two'"),
+    (["single_node.sh", "--model", "m", "--bogus"], "unknown option '--bogus'"),
+    (["single_node.sh", "--model", "m", "--system-base-port", "32767", "--workers", "2"], "below 32768"),
+    (["multi_node.sh", "everything"], "unknown role 'everything'"),
+    (["multi_node.sh", "workers", "--model", "m", "--python", "/nonexistent/python"], "'/nonexistent/python' not found"),
+])
+def test_bad_options_are_refused_by_name(args, message):
+    out = run_script(str(DEPLOY / args[0]), *args[1:])
+    assert out.returncode != 0
+    assert message in out.stderr
+
+
+# ---- failure path and the multi-node roles, with real etcd + NATS -----------------------------------
+
+
+def _fake_worker_dir(root: Path) -> Path:
+    """A ``dynamo.vllm`` that exits at once (namespace-merged over the real ``dynamo``: the frontend is real)."""
+    pkg = root / "fakeworker" / "dynamo" / "vllm"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text("import sys\nprint('fake worker', sys.argv[1:])\nsys.exit(3)\n")
+    return root / "fakeworker"
+
+
+@pytest.mark.servers
+@pytest.mark.dynamo
+@pytest.mark.slow
+def test_a_dying_worker_stops_everything_started_with_etcd_and_nats(tmp_path):
+    if shutil.which("etcd") is None or shutil.which("nats-server") is None:
+        pytest.skip("needs etcd and nats-server on PATH")
+    work = tmp_path / "sn"
+    env = {**os.environ, "PYTHONPATH": str(_fake_worker_dir(tmp_path))}
+    out = run_script(str(DEPLOY / "single_node.sh"), "--model", "m", "--workers", "2", "--with-etcd",
+                     "--etcd-port", str(free_port()), "--etcd-peer-port", str(free_port()), "--with-nats",
+                     "--nats-port", str(free_port()), "--http-port", str(free_port()), "--python", sys.executable,
+                     "--launcher", "dynamo", "--workdir", str(work), env=env, timeout=180)
+    assert out.returncode == 1, out.stderr
+    assert "discovery: etcd" in out.stderr and "event plane: nats" in out.stderr
+    assert re.search(r"worker \d \(pid \d+\) exited; last lines of", out.stderr)
+    assert "fake worker ['--model', 'm', '--tensor-parallel-size', '1', '--connector', 'flexkv'" in out.stderr
+    for name in ("frontend", "nats", "etcd"):
+        assert f"stopping {name}" in out.stderr
+    pids = started_pids(out.stderr)
+    assert len(pids) == 5  # etcd, nats, frontend, 2 workers
+    assert not [p for p in pids if group_alive(p)]
+    assert not processes_mentioning(str(work))
+
+
+@pytest.mark.servers
+@pytest.mark.dynamo
+@pytest.mark.slow
+def test_multi_node_infra_and_frontend_roles(tmp_path):
+    if shutil.which("etcd") is None or shutil.which("nats-server") is None:
+        pytest.skip("needs etcd and nats-server on PATH")
+    etcd, peer, nats, http = free_port(), free_port(), free_port(), free_port()
+    env = {**os.environ, "NODE_IP": "127.0.0.1", "INFRA_HOST": "127.0.0.1"}
+    ports = ["--etcd-port", str(etcd), "--nats-port", str(nats)]
+    logs = {name: open(tmp_path / f"{name}.out", "w+") for name in ("infra", "frontend")}
+    infra = subprocess.Popen(["bash", str(DEPLOY / "multi_node.sh"), "infra", *ports, "--etcd-peer-port", str(peer),
+                              "--workdir", str(tmp_path / "infra")], env=env, stderr=logs["infra"],
+                             stdout=logs["infra"], start_new_session=True)
+    frontend = None
+    try:
+        frontend = subprocess.Popen(["bash", str(DEPLOY / "multi_node.sh"), "frontend", *ports, "--http-port", str(http),
+                                     "--python", sys.executable, "--workdir", str(tmp_path / "frontend")],
+                                    env=env, stderr=logs["frontend"], stdout=logs["frontend"], start_new_session=True)
+        deadline = time.monotonic() + 120
+        while "ready: http://127.0.0.1" not in (tmp_path / "frontend.out").read_text():
+            assert frontend.poll() is None, (tmp_path / "frontend.out").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "frontend.out").read_text()
+            time.sleep(0.5)
+        assert http_json(f"http://127.0.0.1:{http}/health", timeout=5)["status"] == "healthy"
+        assert "export INFRA_HOST=127.0.0.1" in (tmp_path / "infra.out").read_text()
+    finally:
+        for proc in (frontend, infra):  # the frontend first: it is a client of the infra
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+    assert frontend.returncode == 143 and infra.returncode == 143
+    text = (tmp_path / "infra.out").read_text() + (tmp_path / "frontend.out").read_text()
+    pids = started_pids(text)
+    assert len(pids) == 3 and not [p for p in pids if group_alive(p)]
+    assert not processes_mentioning(str(tmp_path))
+
+
+# ---- single_node.sh for real: two workers on the tiny model -----------------------------------------
+
+
+@pytest.mark.engine
+@pytest.mark.dynamo
+@pytest.mark.slow
+def test_single_node_two_workers_serve_a_request_and_stop_cleanly(tiny_model_dir):
+    pytest.importorskip("dynamo.llm")
+    pytest.importorskip("vllm")
+    root = Path(short_tmpdir("fxdeploy"))
+    try:
+        shim = write_torchvision_shim(root / "shim")
+        python = make_hook_venv(root)
+        template = root / "chat.jinja"
+        template.write_text(CHAT_TEMPLATE)
+        env = base_env(root, shim)
+        for key in ("DYN_DISCOVERY_BACKEND", "DYN_FILE_KV", "DYN_EVENT_PLANE"):  # the script chooses these
+            env.pop(key)
+        env.update(FLEXKV_CPU_CACHE_GB="0.125", FLEXKV_SSD_CACHE_GB="0.0625", STOP_TIMEOUT="60")
+        http = free_port()
+        system_base = 20000 + (os.getpid() % 5000) * 2  # Dynamo wants system ports below 32768
+        out_path = root / "script.out"
+        with open(out_path, "w") as out:
+            script = subprocess.Popen(
+                ["bash", str(DEPLOY / "single_node.sh"), "--model", tiny_model_dir, "--workers", "2",
+                 "--http-host", "127.0.0.1", "--http-port", str(http), "--kv-events-base-port", str(free_port()),
+                 "--system-base-port", str(system_base), "--ipc-dir", str(root), "--workdir", str(root / "work"),
+                 "--python", str(python), "--ready-timeout", "540", "--router-host-cache-hit-weight", "0.9",
+                 "--", *tiny_worker_args(tiny_model_dir, template)],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while "ready: 2 worker(s)" not in out_path.read_text():
+                assert script.poll() is None, out_path.read_text()
+                assert time.monotonic() < deadline, out_path.read_text()
+                time.sleep(1)
+            text = out_path.read_text()
+            assert "hook is not installed" not in text  # workers run the user's command, through the hook
+            model = http_json(f"http://127.0.0.1:{http}/v1/models", timeout=10)["data"][0]["id"]
+            answer = http_json(f"http://127.0.0.1:{http}/v1/chat/completions",
+                               {"model": model, "messages": [{"role": "user", "content": words(40)}],
+                                "max_tokens": 6, "temperature": 0})
+            assert re.fullmatch(r"( ?w\d+){6}", answer["choices"][0]["message"]["content"])
+            # Each worker got its own cache service, SSD directory and KV-events port.
+            for i in range(2):
+                log = (root / "work" / "logs" / f"worker_{i}.log").read_text(errors="replace")
+                assert f"serving at ipc://{root}/flexkv_server_{i}" in log
+                assert (root / "work" / "ssd" / f"worker_{i}").is_dir()
+            pids = started_pids(out_path.read_text())
+            assert len(pids) == 3
+            cmdlines = {p: Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0") for p in pids}
+            assert any(b"--router-host-cache-hit-weight" in c and b"0.9" in c for c in cmdlines.values())
+            assert sum(b"dynamo.vllm" in c and b"--connector" in c and b"flexkv" in c
+                       for c in cmdlines.values()) == 2
+
+            # The system port answers the probes deploy/k8s/workers.yaml uses.
+            for path in ("/health", "/live"):
+                with urllib.request.urlopen(f"http://127.0.0.1:{system_base}{path}", timeout=10) as resp:
+                    assert resp.status == 200, path
+
+            script.send_signal(signal.SIGINT)  # Ctrl-C
+            assert script.wait(120) == 130, out_path.read_text()
+        finally:
+            stop_script(script, out_path)
+        text = out_path.read_text()
+        assert "interrupted" in text and "stopped; logs:" in text
+        assert not [p for p in pids if group_alive(p)], text
+        assert not processes_mentioning(str(root)), processes_mentioning(str(root))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- the Kubernetes example --------------------------------------------------------------------------
+
+K8S = DEPLOY / "k8s"
+
+
+@functools.cache
+def k8s_docs() -> list[dict]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def by_kind(kind: str) -> list[dict]:
+    return [d for d in k8s_docs() if d["kind"] == kind]  # (the cached documents are only read)
+
+
+def workloads() -> list[dict]:
+    return [d for d in k8s_docs() if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    present = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == present
+
+
+def test_every_service_selects_a_workload_and_its_ports():
+    for service in by_kind("Service"):
+        selector = service["spec"]["selector"]
+        matches = [w for w in workloads()
+                   if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert matches, f"service {service['metadata']['name']} selects no pod"
+        container_ports = {p["containerPort"] for w in matches for c in w["spec"]["template"]["spec"]["containers"]
+                           for p in c.get("ports", [])}
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in container_ports, (service["metadata"]["name"], port)
+    for workload in workloads():
+        assert workload["spec"]["selector"]["matchLabels"].items() <= \
+            workload["spec"]["template"]["metadata"]["labels"].items()
+
+
+def _env(container: dict) -> dict[str, str]:
+    configmap = by_kind("ConfigMap")[0]["data"]
+    env = dict(configmap) if container.get("envFrom") else {}
+    for item in container.get("env", []):
+        env[item["name"]] = item.get("value", "<fieldRef>")
+    return env
+
+
+def test_env_references_are_defined_before_use():
+    # Kubernetes expands $(VAR) only for variables defined earlier in the same list (or envFrom).
+    for workload in workloads():
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            defined = set(by_kind("ConfigMap")[0]["data"]) if container.get("envFrom") else set()
+            for item in container.get("env", []):
+                for ref in re.findall(r"\$\((\w+)\)", item.get("value", "")):
+                    assert ref in defined, (container["name"], item["name"], ref)
+                defined.add(item["name"])
+            for arg in container.get("args", []):
+                for ref in re.findall(r"\$\((\w+)\)", arg):
+                    assert ref in defined, (container["name"], arg)
+
+
+def test_worker_runs_the_users_command_with_its_own_cache():
+    (worker,) = [w for w in workloads() if w["metadata"]["name"] == "flexkv-worker"]
+    pod = worker["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-m", "dynamo.vllm"]
+    args = container["args"]
+    assert args[args.index("--connector") + 1] == "flexkv"
+    events = json.loads(args[args.index("--kv-events-config") + 1])
+    assert events["enable_kv_cache_events"] is True and events["endpoint"].startswith("tcp://*:")
+    env = _env(container)
+    # flexkv_core's configuration accepts every FLEXKV_* setting the manifests give (it refuses unknown ones).
+    flexkv = {k: v for k, v in env.items() if k.startswith("FLEXKV_") or k == "ENABLE_FLEXKV"}
+    config = load_config(env=flexkv, check_resources=False)
+    assert config.server_recv_port == "ipc:///tmp/flexkv_server"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["ssd"]["mountPath"] == env["FLEXKV_SSD_CACHE_DIR"]
+    assert mounts["ssd"]["subPathExpr"] == "$(POD_NAME)"  # pods on one node never share an SSD directory
+    assert mounts["shm"]["mountPath"] == "/dev/shm" and volumes["shm"]["emptyDir"]["medium"] == "Memory"
+    shm_gib = int(volumes["shm"]["emptyDir"]["sizeLimit"].removesuffix("Gi"))
+    assert shm_gib > float(env["FLEXKV_CPU_CACHE_GB"])  # the CPU tier lives in /dev/shm
+    assert env["DYN_SYSTEM_PORT"] == str(container["readinessProbe"]["httpGet"]["port"])
+    assert int(env["DYN_SYSTEM_PORT"]) < 32768
+    tp = int(next(a for a in args if a.startswith("--tensor-parallel-size=")).split("=", 1)[1])
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == tp  # one GPU per TP rank
+
+
+def test_frontend_routes_by_kv_with_tier_weights():
+    (frontend,) = [w for w in workloads() if w["metadata"]["name"] == "flexkv-frontend"]
+    (container,) = frontend["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "dynamo.frontend"]
+    args = container["args"]
+    assert "--router-mode=kv" in args
+    assert any(a.startswith("--router-host-cache-hit-weight=") for a in args)
+    assert any(a.startswith("--router-disk-cache-hit-weight=") for a in args)
+    env = _env(container)
+    assert env["DYN_DISCOVERY_BACKEND"] == "etcd" and env["DYN_EVENT_PLANE"] == "nats"
+    services = {s["metadata"]["name"] for s in by_kind("Service")}
+    assert env["ETCD_ENDPOINTS"].split("//")[1].split(":")[0] in services
+    assert env["NATS_SERVER"].split("//")[1].split(":")[0] in services

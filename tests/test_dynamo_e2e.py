@@ -1,0 +1,417 @@
+"""End to end: Dynamo's KV router in front of two ``python -m dynamo.vllm --connector flexkv`` workers.
+
+The command is the one users type (tests/test_launch_args.py's throwaway virtualenv has the hook
+installed, as scripts/setup.sh installs it), on the tiny model, with file discovery and the ZMQ event
+plane on loopback (no etcd/NATS). One frontend and two workers are shared by the module (about three
+minutes to start on two busy cores). What it proves:
+
+* the hook's translation reaches Dynamo and vLLM: our connector runs, KV events are enabled on the
+  endpoint the hook picked, and Dynamo's relay subscribes to it;
+* a chat request through the frontend returns text;
+* a prefix that only one worker holds, in our CPU tier alone (pushed out of its GPU cache by other
+  prompts), is routed to that worker (the router's own log line shows the host-tier blocks it counted)
+  and served from our tier (the worker's cache reports the hits; the answer is the same as the first).
+
+Also here, without an engine: Dynamo's own argument parser accepts the translated command lines, and
+``python -m flexkv_dynamo.vllm`` (no hook) runs Dynamo's real ``dynamo.vllm`` up to its parser.
+
+Process logs go to the module's temporary directory; a failing test prints their tails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import short_tmpdir
+from test_launch_args import make_hook_venv
+
+from flexkv_dynamo.launch_args import translate
+from flexkv_dynamo.tiny_model import words
+
+#: Blocks of vLLM's (GPU) KV cache per worker: small, so that a few prompts push a prefix out of it.
+GPU_BLOCKS = 48
+BLOCK_SIZE = 32
+#: The chat template the tiny model lacks (Dynamo's frontend refuses a chat model without one).
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
+LOOPBACK = ("DYN_TCP_RPC_HOST", "DYN_EVENT_PLANE_HOST", "DYN_TCP_RESPONSE_STREAM_HOST", "DYN_SYSTEM_HOST")
+
+#: transformers (imported by dynamo.vllm for image models) wants torchvision, which has no CPU build
+#: on PyPI. This stand-in goes on the test subprocesses' PYTHONPATH only, never into the product: any
+#: ``torchvision.*`` module imports, any name in it is a class that refuses to be used.
+TORCHVISION_SHIM = '''\
+"""Test-only stand-in for torchvision: transformers imports parts of it at module level for image
+models; the text-only test model never calls any of it."""
+import importlib.machinery
+import sys
+
+__version__ = "0.0.0+test-stub"
+
+
+class _StubMeta(type):
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _stub(name)
+
+
+def _stub(name):
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"torchvision stub: {name} is not available in this test environment")
+    return _StubMeta(name, (), {"__init__": refuse, "__call__": refuse})
+
+
+def _module_getattr(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return _stub(name)
+
+
+class _Loader:
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        module.__path__ = []
+        module.__getattr__ = _module_getattr
+
+
+class _Finder:
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(name, _Loader(), is_package=True)
+        return None
+
+
+sys.meta_path.append(_Finder())
+__getattr__ = _module_getattr
+'''
+
+
+def write_torchvision_shim(root: Path) -> Path:
+    """Write the shim package under ``root``; return the directory to put on PYTHONPATH."""
+    pkg = root / "torchvision"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text(TORCHVISION_SHIM)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- processes -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    """A process we started in its own session (so that stopping it stops its children), logging to a file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @classmethod
+    def start(cls, name: str, argv: Sequence[str], env: Mapping[str, str], log: Path) -> Proc:
+        with open(log, "wb") as fh:
+            popen = subprocess.Popen(list(argv), env=dict(env), stdout=fh, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        return cls(name, popen, log)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def text(self) -> str:
+        return re.sub(r"\x1b\[[0-9;]*m", "", self.log.read_text(errors="replace"))
+
+    def tail(self, lines: int = 40) -> str:
+        return f"--- {self.name} ({self.log}) ---\n" + "\n".join(self.text().splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to the process group, SIGKILL after ``timeout``."""
+        if self.alive():
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)  # anything of its group still there
+        except ProcessLookupError:
+            pass
+        if self.alive():
+            self.popen.wait(10)
+
+
+def http_json(url: str, body: Any = None, timeout: float = 120.0) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.load(resp)
+
+
+def flexkv_status_cli(endpoint: str) -> dict[str, Any]:
+    """The worker cache's answer to ``flexkv status --endpoint E --json`` (the operator's command)."""
+    out = subprocess.run([sys.executable, "-m", "flexkv_core.cli", "status", "--endpoint", endpoint, "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"flexkv status --endpoint {endpoint} failed: {out.stderr}"
+    return json.loads(out.stdout)["status"]
+
+
+def cpu_counts(endpoint: str) -> tuple[int, int]:
+    """(blocks stored into the CPU tier, blocks loaded from it) so far, asked as `flexkv status` asks."""
+    from flexkv_core.client import CacheClient
+
+    client = CacheClient(endpoint, timeout_s=10)
+    try:
+        metrics = client.call("status")["metrics"]
+    finally:
+        client.close()
+    return metrics["stored_blocks"]["cpu"], metrics["hit_blocks"]["cpu"]
+
+
+def stop_all(procs: Sequence[Proc], timeout: float = 30.0) -> None:
+    """SIGTERM every process group at once, then wait; SIGKILL what is left after ``timeout``."""
+    for proc in procs:
+        if proc.alive():
+            try:
+                os.killpg(proc.popen.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.popen.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        proc.stop(timeout=0)
+
+
+def base_env(workdir: Path, shim: Path) -> dict[str, str]:
+    """The environment of every process: file discovery + ZMQ event plane on loopback, small caches."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FLEXKV_", "DYN_", "ETCD_", "NATS_")) and k not in ("KV_ENDPOINT", "ENABLE_FLEXKV")}
+    env.update({name: "127.0.0.1" for name in LOOPBACK})
+    env.update(
+        DYN_DISCOVERY_BACKEND="file", DYN_FILE_KV=str(workdir / "discovery"), DYN_EVENT_PLANE="zmq",
+        DYN_REQUEST_PLANE="tcp", DYN_LOG="info", DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS="0.5",
+        PYTHONPATH=str(shim),
+        VLLM_CPU_KVCACHE_SPACE="1", DYNAMO_USE_FLEXKV="1", FLEXKV_CPU_CACHE_GB="0.25", FLEXKV_SSD_CACHE_GB="0",
+    )
+    return env
+
+
+def tiny_worker_args(model_dir: str, template: Path) -> list[str]:
+    """vLLM/Dynamo flags that make the tiny model start fast and keep its GPU cache tiny."""
+    return ["--block-size", str(BLOCK_SIZE), "--max-model-len", "1024", "--num-gpu-blocks-override", str(GPU_BLOCKS),
+            "--enforce-eager", "--dtype", "float32", "--distributed-executor-backend", "uni",
+            "--custom-jinja-template", str(template)]
+
+
+def wait_until_serving(url: str, procs: Sequence[Proc], workers: int, timeout: float) -> str:
+    """Wait for the frontend to list a model and ``workers`` generate endpoints; return the model id."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dead = [p for p in procs if not p.alive()]
+        if dead:
+            raise AssertionError("exited during start-up:\n" + "\n".join(p.tail() for p in dead))
+        try:
+            models = http_json(f"{url}/v1/models", timeout=5)["data"]
+            health = http_json(f"{url}/health", timeout=5)
+        except (OSError, ValueError):
+            models, health = [], {}
+        generate = [i for i in health.get("instances", []) if i.get("endpoint") == "generate"]
+        if models and len(generate) >= workers:
+            return models[0]["id"]
+        time.sleep(2)
+    raise AssertionError(f"not serving after {timeout}s:\n" + "\n".join(p.tail() for p in procs))
+
+
+@dataclass
+class Cluster:
+    url: str
+    model: str
+    frontend: Proc
+    workers: list[Proc]
+    cache_endpoints: list[str]
+
+    def complete(self, prompt: str, max_tokens: int = 4) -> dict[str, Any]:
+        return http_json(f"{self.url}/v1/completions",
+                         {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+
+    def logs(self) -> str:
+        return "\n".join(p.tail() for p in [self.frontend, *self.workers])
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir):
+    pytest.importorskip("dynamo.llm")
+    pytest.importorskip("vllm")
+    workdir = Path(short_tmpdir("fxe2e"))
+    shim = write_torchvision_shim(workdir / "shim")
+    hook_python = make_hook_venv(workdir)
+    template = workdir / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    env = base_env(workdir, shim)
+    http_port = free_port()
+    procs: list[Proc] = []
+    try:
+        frontend = Proc.start("frontend", [sys.executable, "-m", "dynamo.frontend", "--router-mode", "kv",
+                                           "--http-host", "127.0.0.1", "--http-port", str(http_port)],
+                              env, workdir / "frontend.log")
+        procs.append(frontend)
+        workers, endpoints = [], []
+        for i in range(2):
+            endpoint = f"ipc://{workdir}/flexkv_server_{i}"
+            worker_env = {**env, "FLEXKV_SERVER_RECV_PORT": endpoint}
+            argv = [str(hook_python), "-m", "dynamo.vllm", "--model", tiny_model_dir, "--connector", "flexkv",
+                    *tiny_worker_args(tiny_model_dir, template)]
+            workers.append(Proc.start(f"worker {i}", argv, worker_env, workdir / f"worker_{i}.log"))
+            endpoints.append(endpoint)
+        procs += workers
+        url = f"http://127.0.0.1:{http_port}"
+        model = wait_until_serving(url, procs, workers=2, timeout=540)
+        yield Cluster(url, model, frontend, workers, endpoints)
+    finally:
+        stop_all(procs)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.engine
+@pytest.mark.dynamo
+@pytest.mark.slow
+def test_hook_translation_reaches_dynamo_and_vllm(cluster):
+    for worker in cluster.workers:
+        log = worker.text()
+        assert "--connector flexkv: using --kv-transfer-config" in log, worker.tail()
+        assert "FlexKV connector (scheduler side) ready" in log, worker.tail()
+        port = re.search(r"KV events enabled for the router on tcp://\*:(\d+)", log)
+        assert port, worker.tail()
+        # Dynamo's relay subscribes to the endpoint the hook chose: our tiers' events reach the router.
+        assert f"subscribing to vLLM at tcp://127.0.0.1:{port.group(1)}" in log, worker.tail()
+
+
+@pytest.mark.engine
+@pytest.mark.dynamo
+@pytest.mark.slow
+def test_chat_request_through_the_frontend_returns_text(cluster):
+    answer = http_json(f"{cluster.url}/v1/chat/completions",
+                       {"model": cluster.model, "messages": [{"role": "user", "content": words(12)}],
+                        "max_tokens": 8, "temperature": 0})
+    text = answer["choices"][0]["message"]["content"]
+    assert answer["usage"]["completion_tokens"] == 8
+    assert re.fullmatch(r"( ?w\d+){8}", text), text  # the tiny model's words
+
+
+@pytest.mark.engine
+@pytest.mark.dynamo
+@pytest.mark.slow
+def test_prefix_only_in_one_workers_cpu_tier_is_routed_there_and_served_from_it(cluster):
+    prompt = words(8 * BLOCK_SIZE, start=11)  # 8 full blocks
+    start = [cpu_counts(e)[0] for e in cluster.cache_endpoints]
+    first = cluster.complete(prompt)
+    time.sleep(0.5)  # stores complete right after the request's last step; let the counters settle
+    before = [cpu_counts(e) for e in cluster.cache_endpoints]
+    new_blocks = [before[i][0] - start[i] for i in range(2)]
+    assert sorted(new_blocks) == [0, 8], f"the prompt's 8 blocks should be stored by one worker: {new_blocks}"
+    holder = new_blocks.index(8)
+    other = 1 - holder
+
+    # Push the prefix out of the holder's GPU cache: once the holder has allocated more blocks than its
+    # GPU cache has since the prefix finished, none of the prefix's GPU blocks is left (vLLM evicts free
+    # blocks least recently used first). Our CPU tier keeps them.
+    target = before[holder][0] + GPU_BLOCKS + 8
+    for k in range(60):
+        if cpu_counts(cluster.cache_endpoints[holder])[0] >= target:
+            break
+        cluster.complete(words(8 * BLOCK_SIZE, start=1000 + 37 * k), max_tokens=1)
+    else:
+        raise AssertionError(f"worker {holder} never stored {target} blocks:\n{cluster.logs()}")
+    time.sleep(0.5)
+    hits_before = [cpu_counts(e)[1] for e in cluster.cache_endpoints]
+
+    again = cluster.complete(prompt)
+
+    time.sleep(0.5)
+    hits_after = [cpu_counts(e)[1] for e in cluster.cache_endpoints]
+    # Served from our CPU tier on the holder: 8 blocks loaded there, none on the other worker.
+    assert hits_after[holder] - hits_before[holder] == 8, (hits_before, hits_after, cluster.logs())
+    assert flexkv_status_cli(cluster.cache_endpoints[holder])["metrics"]["hit_blocks"]["cpu"] == hits_after[holder]
+    assert hits_after[other] == hits_before[other]
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 8 * BLOCK_SIZE
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]  # loaded KV gives the same answer
+
+    # The router chose the holder because of our host-tier blocks: its decision log names them.
+    holder_id = re.search(r"KvEventPublisher for worker (\d+)", cluster.workers[holder].text()).group(1)
+    request_id = again["id"].split("-", 1)[1]
+    decision = [line for line in cluster.frontend.text().splitlines()
+                if "Selected worker" in line and request_id in line]
+    assert decision, f"no routing decision logged for {request_id}:\n{cluster.frontend.tail()}"
+    assert f"worker_id={holder_id}" in decision[0] and "host_pinned_blocks=8" in decision[0], decision[0]
+
+
+# ---- Dynamo's parser accepts what the hook produces (no engine) -------------------------------------
+
+
+@pytest.mark.dynamo
+@pytest.mark.slow
+@pytest.mark.parametrize("connectors", [["flexkv"], ["flexkv", "nixl"]])
+def test_dynamo_parses_the_translated_command(tiny_model_dir, connectors):
+    args_mod = pytest.importorskip("dynamo.vllm.args")
+    plan = translate(["--model", tiny_model_dir, "--connector", *connectors, "--block-size", "32"], {},
+                     pick_port=lambda count: 20555)
+    config = args_mod.parse_args(plan.args)
+    kv = config.engine_args.kv_transfer_config
+    assert kv.kv_load_failure_policy == "recompute"
+    if connectors == ["flexkv"]:
+        assert (kv.kv_connector, kv.kv_connector_module_path) == ("FlexKVConnector", "flexkv_dynamo.connector")
+    else:
+        assert kv.kv_connector == "MultiConnector"
+        names = [c["kv_connector"] for c in kv.kv_connector_extra_config["connectors"]]
+        assert names == ["NixlConnector", "FlexKVConnector"]
+        # Dynamo's P/D logic finds the transport child inside it.
+        from dynamo.vllm.kv_connector_protocols import NixlConnectorProtocol, make_kv_connector_protocol
+
+        class _VllmConfig:
+            kv_transfer_config = kv
+
+        assert isinstance(make_kv_connector_protocol(_VllmConfig()), NixlConnectorProtocol)
+    assert config.engine_args.kv_events_config.enable_kv_cache_events
+    assert config.engine_args.kv_events_config.endpoint == "tcp://*:20555"
+    assert config.use_kv_events  # Dynamo will relay this worker's KV events to the router
+
+
+@pytest.mark.dynamo
+@pytest.mark.slow
+def test_explicit_launcher_runs_dynamos_own_main(tiny_model_dir, tmp_path):
+    """``python -m flexkv_dynamo.vllm`` runs the real ``dynamo.vllm`` (here up to its argument parser:
+    ``--help``), and the translation is logged through the logging Dynamo configured."""
+    pytest.importorskip("dynamo.vllm")
+    env = base_env(tmp_path, write_torchvision_shim(tmp_path / "shim"))
+    out = subprocess.run([sys.executable, "-m", "flexkv_dynamo.vllm", "--model", tiny_model_dir, "--help"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "--kv-transfer-config" in out.stdout and "Dynamo vLLM worker configuration" in out.stdout
+    log = re.sub(r"\x1b\[[0-9;]*m", "", out.stderr)
+    assert re.search(r"INFO .*--connector flexkv: using --kv-transfer-config", log), log[-3000:]
+    assert "KV events enabled for the router on tcp://*:" in log
