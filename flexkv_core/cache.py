@@ -32,7 +32,7 @@ from .allocator import SlotAllocator
 from .config import FlexKVConfig
 from .events import CacheCleared, CacheEvent, EventLog
 from .hashing import tokens_to_bytes
-from .index import Block, LookupResult, PrefixIndex
+from .index import Block, LookupResult, PrefixIndex, parents_first
 from .layout import CacheIdentity, Tier
 from .metrics import CacheMetrics, make_metrics
 from .remote import RemoteBlock, RemoteSource
@@ -297,6 +297,14 @@ class TieredCache:
 
     def take_events(self) -> list[CacheEvent]:
         return self.events.drain()
+
+    def reannounce(self) -> list[CacheEvent]:
+        """Drop the queued events and return instead a Stored for everything each tier holds now. For a
+        consumer whose view of us was wiped (vLLM's AllBlocksCleared makes Dynamo forget every tier of the
+        worker): the queued events are history that this snapshot already contains."""
+        with self._lock:
+            self.events.drain()
+            return [*self.index.stored_events(Tier.CPU), *self.index.stored_events(Tier.SSD)]
 
     def subscribe(self, listener: Callable[[CacheEvent], None]) -> dict[int, set[Tier]]:
         """Hand every later event to ``listener`` and return what each tier holds now, in one atomic
@@ -599,16 +607,7 @@ class TieredCache:
 
     def _recover(self, records: list[SlotRecord]) -> None:
         """Warm restart: re-index what the SSD manifest says we hold (parents before children)."""
-        by_hash = {r.block_hash: r for r in records}
-        order: list[SlotRecord] = []
-        seen: set[int] = set()
-        for r in records:
-            stack = []
-            while r is not None and r.block_hash not in seen:
-                stack.append(r)
-                seen.add(r.block_hash)
-                r = by_hash.get(r.parent_hash) if r.parent_hash is not None else None
-            order.extend(reversed(stack))
+        order = parents_first(records, lambda r: r.block_hash, lambda r: r.parent_hash)
         with self._lock:
             for r in order:
                 self._alloc[Tier.SSD].take(r.slot)

@@ -22,6 +22,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .config import EvictionPolicy
 from .events import BlockRemoved, BlockStored, EventLog
@@ -30,6 +31,7 @@ from .layout import Tier
 #: Tiers the index tracks, in lookup preference order (the cheapest to load from first).
 TIERS: tuple[Tier, ...] = (Tier.CPU, Tier.SSD)
 _TI = {tier: i for i, tier in enumerate(TIERS)}
+T = TypeVar("T")
 
 
 class TierState(enum.IntEnum):
@@ -320,21 +322,47 @@ class PrefixIndex:
             if parent is not None:
                 self._maybe_candidate(parent, t)
 
-    def _emit_stored(self, tier: Tier, blocks: list[Block]) -> None:
-        """One Stored per run of blocks that chain (each one's parent is the previous one)."""
-        run: list[Block] = []
-        for b in blocks:
-            if run and b.parent != run[-1].hash:
-                self._emit_run(tier, run)
-                run = []
-            run.append(b)
-        if run:
-            self._emit_run(tier, run)
+    def stored_events(self, tier: Tier) -> list[BlockStored]:
+        """Stored events for everything READY in ``tier``, parents first: a re-announcement for a
+        consumer that lost track (the router after a reset that wiped more than the engine's GPU tier)."""
+        t = _TI[tier]
+        ready = [b for b in self._blocks.values() if b.state[t] == TierState.READY]
+        return self._stored_runs(tier, parents_first(ready, lambda b: b.hash, lambda b: b.parent))
 
-    def _emit_run(self, tier: Tier, run: list[Block]) -> None:
-        tokens: list[int] = []
-        for b in run:
-            tokens.extend(b.token_list())
-        self.events.emit(BlockStored(tier=tier, block_hashes=[b.hash for b in run],
-                                     parent_block_hash=run[0].parent, token_ids=tokens,
-                                     block_size=self.block_size))
+    def _emit_stored(self, tier: Tier, blocks: list[Block]) -> None:
+        for event in self._stored_runs(tier, blocks):
+            self.events.emit(event)
+
+    def _stored_runs(self, tier: Tier, blocks: list[Block]) -> list[BlockStored]:
+        """One Stored per run of blocks that chain (each one's parent is the previous one)."""
+        runs: list[list[Block]] = []
+        for b in blocks:
+            if runs and b.parent == runs[-1][-1].hash:
+                runs[-1].append(b)
+            else:
+                runs.append([b])
+        events = []
+        for run in runs:
+            tokens: list[int] = []
+            for b in run:
+                tokens.extend(b.token_list())
+            events.append(BlockStored(tier=tier, block_hashes=[b.hash for b in run],
+                                      parent_block_hash=run[0].parent, token_ids=tokens,
+                                      block_size=self.block_size))
+        return events
+
+
+def parents_first(items: Iterable[T], hash_of: Callable[[T], int], parent_of: Callable[[T], int | None]) -> list[T]:
+    """``items`` reordered so that each one's parent (when among them) comes before it."""
+    by_hash = {hash_of(x): x for x in items}
+    order: list[T] = []
+    seen: set[int] = set()
+    for x in by_hash.values():
+        stack = []
+        while x is not None and hash_of(x) not in seen:
+            stack.append(x)
+            seen.add(hash_of(x))
+            parent = parent_of(x)
+            x = by_hash.get(parent) if parent is not None else None
+        order.extend(reversed(stack))
+    return order

@@ -197,6 +197,7 @@ class FlexKVScheduler:
         self._stores: dict[int, _Store] = {}  # job id -> store sent to the workers
         self._stats = FlexKVConnectorStats()
         self._kv_cache_manager: KVCacheManager | None = None
+        self._seen_hash_map: int | None = None  # id() of vLLM's prefix-cache map (see take_events)
         self.service = None
         self.node = None  # distributed reuse (FLEXKV_ENABLE_DISTRIBUTED)
         try:
@@ -428,10 +429,25 @@ class FlexKVScheduler:
         return False, None
 
     def take_events(self) -> Iterable[KVCacheEvent]:
-        events = self.cache.take_events()
+        # vLLM collects these right after its own events of the step. A reset of vLLM's prefix cache
+        # publishes AllBlocksCleared there, which makes Dynamo's router forget our tiers too: follow it
+        # with everything we hold. (A reset gives the block pool a fresh hash map: that is how we see it.)
+        if self._gpu_cache_was_reset():
+            events = self.cache.reannounce()
+            log.info("vLLM's prefix cache was reset: re-announcing %d tier events to the router", len(events))
+        else:
+            events = self.cache.take_events()
         if not self._events_enabled or not events:
             return ()
         return to_vllm_events(events, block_size=self.block_size)
+
+    def _gpu_cache_was_reset(self) -> bool:
+        pool = getattr(self._kv_cache_manager, "block_pool", None)
+        if pool is None or not getattr(pool, "enable_kv_cache_events", False):
+            return False
+        current = id(pool.cached_block_hash_to_block)
+        reset, self._seen_hash_map = self._seen_hash_map not in (None, current), current
+        return reset
 
     def get_stats(self) -> FlexKVConnectorStats | None:
         if self._stats.is_empty():
