@@ -1,0 +1,1 @@
+"""Helpers of the aiperf Mooncake-trace driver (``bench/aiperf_mooncake.py``)."""

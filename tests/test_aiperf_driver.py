@@ -1,0 +1,484 @@
+"""The aiperf Mooncake-trace driver: trace preparation, results parsing, process hygiene, end to end.
+
+The results tests read real aiperf 0.13 output kept in ``tests/data/aiperf/`` (a mocker run of the
+driver: ``--launch-mocker --limit 8``), so a change in what aiperf writes shows up here first.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from bench import aiperf_mooncake as driver  # noqa: E402
+from bench.aiperf import launch, results, venv  # noqa: E402
+from bench.aiperf.run import AiperfRun, aiperf_command, aiperf_env  # noqa: E402
+from bench.aiperf.trace import (  # noqa: E402
+    MOONCAKE_BLOCK_TOKENS,
+    PromptMode,
+    SliceOptions,
+    TraceFormatError,
+    TraceRequest,
+    aiperf_records,
+    block_reuse,
+    parse_fraction,
+    prepare_trace,
+    read_mooncake_trace,
+    resolve_prompt_mode,
+    scale_request,
+    word_vocabulary,
+    write_aiperf_trace,
+)
+
+DATA = Path(__file__).parent / "data" / "aiperf"
+SHARED_TRACE = REPO_ROOT.parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
+
+
+def write_trace(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def req(ts: float, n_blocks: int, last: int = MOONCAKE_BLOCK_TOKENS, out: int = 100, first_id: int = 0,
+        shared: int = 0) -> dict:
+    """A Mooncake record of ``n_blocks`` hash ids (the first ``shared`` ones are 0, 1, ...)."""
+    ids = list(range(shared)) + list(range(first_id, first_id + n_blocks - shared))
+    return {"timestamp": ts, "input_length": (n_blocks - 1) * MOONCAKE_BLOCK_TOKENS + last,
+            "output_length": out, "hash_ids": ids}
+
+
+# --- trace preparation ---------------------------------------------------------------------------
+
+def test_every_sixth_request_is_kept_in_order_and_the_clock_restarts(tmp_path: Path) -> None:
+    path = write_trace(tmp_path / "t.jsonl", [req(1000 + 100 * i, 2, first_id=10 * i + 100) for i in range(13)])
+    prepared = prepare_trace(read_mooncake_trace(path), SliceOptions())
+    assert [r.hash_ids[0] for r in prepared.requests] == [100, 160, 220]  # requests 0, 6, 12
+    assert [r.timestamp_ms for r in prepared.requests] == [0.0, 600.0, 1200.0]
+    assert prepared.block_tokens == 512
+    assert prepared.stats.duration_s == pytest.approx(1.2)
+
+
+def test_scaling_shrinks_blocks_but_keeps_which_requests_share_them() -> None:
+    opts = SliceOptions(scale_length=1 / 16)  # 512-token blocks become 32 tokens
+    assert opts.block_tokens == 32
+    # 13 full blocks + a last block of 102 tokens: 13 * 32 + round(102 / 16) = 416 + 6.
+    scaled = scale_request(TraceRequest(0, 6758, 500, tuple(range(14))), opts)
+    assert (scaled.input_length, scaled.hash_ids) == (422, tuple(range(14)))
+    # A last block of 1 token still has a token; a full last block is a full scaled block.
+    assert scale_request(TraceRequest(0, 513, 1, (0, 1)), opts).input_length == 33
+    assert scale_request(TraceRequest(0, 1024, 1, (0, 1)), opts).input_length == 64
+    # Hash ids covering only a prefix (aiperf's "prefix only" layout) keep a scaled tail.
+    assert scale_request(TraceRequest(0, 1024 + 160, 1, (0, 1)), opts).input_length == 64 + 10
+
+
+@pytest.mark.slow  # reads and checks all 12,031 requests: ~2 s
+@pytest.mark.skipif(not SHARED_TRACE.is_file(), reason="shared Mooncake trace not present")
+def test_scaled_real_trace_gives_every_hash_id_one_size_as_aiperf_requires() -> None:
+    """aiperf refuses a hash id materialised at two sizes; scaling must never create one."""
+    prepared = prepare_trace(read_mooncake_trace(SHARED_TRACE), SliceOptions(scale_length=1 / 16))
+    assert len(prepared.requests) == 2006  # 12,031 requests, every 6th
+    size_of: dict[int, int] = {}
+    block = prepared.block_tokens
+    for r in prepared.requests:
+        n = len(r.hash_ids)
+        assert (n - 1) * block < r.input_length <= n * block
+        for i, h in enumerate(r.hash_ids):
+            size = block if i < n - 1 else r.input_length - (n - 1) * block
+            assert size_of.setdefault(h, size) == size, f"hash id {h} at two sizes"
+    assert prepared.stats.block_reuse == pytest.approx(block_reuse(prepared.requests))
+    assert 0.1 < prepared.stats.block_reuse < 0.3  # the sampled hour re-reads ~16% of its blocks
+
+
+def test_output_scaling_has_a_floor_and_a_cap() -> None:
+    opts = SliceOptions(scale_length=1 / 16, scale_output=1 / 32, min_output_tokens=8, max_output_tokens=16)
+    outputs = [scale_request(TraceRequest(0, 100, out, (0,)), opts).output_length for out in (1, 320, 2000)]
+    assert outputs == [8, 10, 16]
+    # Without scale_output, outputs scale like prompts.
+    assert scale_request(TraceRequest(0, 100, 320, (0,)), SliceOptions(scale_length=0.5)).output_length == 160
+
+
+def test_filter_then_window_then_compress_time(tmp_path: Path) -> None:
+    # Sampled requests alternate short (1 block) and long (5 blocks) prompts, one second apart.
+    records = [req(1000 * i, 1 if i % 2 == 0 else 5, first_id=10 * i + 100) for i in range(12)]
+    path = write_trace(tmp_path / "t.jsonl", records)
+    opts = SliceOptions(sample_every=1, max_input_tokens=600, skip=1, limit=3, scale_time=0.5)
+    prepared = prepare_trace(read_mooncake_trace(path), opts)
+    # Long prompts are dropped first, so skip/limit count the requests actually sent: 2, 4, 6.
+    assert [r.hash_ids[0] for r in prepared.requests] == [120, 140, 160]
+    assert [r.timestamp_ms for r in prepared.requests] == [0.0, 1000.0, 2000.0]
+
+
+def test_nothing_left_is_an_error_that_names_the_options(tmp_path: Path) -> None:
+    path = write_trace(tmp_path / "t.jsonl", [req(0, 4)])
+    with pytest.raises(ValueError, match="max_input_tokens=100"):
+        prepare_trace(read_mooncake_trace(path), SliceOptions(max_input_tokens=100))
+
+
+def test_bad_trace_lines_are_reported_with_file_line_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(req(0, 2)) + "\n\n" + json.dumps({"timestamp": 5, "input_length": 10,
+                                                                  "output_length": 1}) + "\n")
+    with pytest.raises(TraceFormatError, match=r"bad\.jsonl:3: missing field 'hash_ids'"):
+        read_mooncake_trace(path)
+    path.write_text(json.dumps({"timestamp": 0, "input_length": 512, "output_length": 1, "hash_ids": [1, 2]}))
+    with pytest.raises(TraceFormatError, match=r"bad\.jsonl:1: input_length 512 is too short for 2 hash_ids"):
+        read_mooncake_trace(path)
+    path.write_text("{not json\n")
+    with pytest.raises(TraceFormatError, match=r"bad\.jsonl:1: not JSON"):
+        read_mooncake_trace(path)
+
+
+def test_slice_options_reject_bad_values_by_name() -> None:
+    with pytest.raises(ValueError, match="scale_time must be > 0"):
+        SliceOptions(scale_time=0)
+    with pytest.raises(ValueError, match="max_output_tokens"):
+        SliceOptions(min_output_tokens=8, max_output_tokens=4)
+    assert parse_fraction("1/16") == 1 / 16 and parse_fraction("0.25") == 0.25
+    with pytest.raises(ValueError, match="1/0"):
+        parse_fraction("1/0")
+
+
+def make_word_tokenizer(directory: Path, n_words: int = 500) -> Path:
+    """A real word-level tokenizer (the kind the tiny test model has), saved with the tokenizers package."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(n_words)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                                 "unk_token": "<unk>"}))
+    return directory
+
+
+def test_text_prompts_are_exact_in_tokens_and_share_exactly_the_shared_blocks(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    tok_dir = make_word_tokenizer(tmp_path / "tok")
+    vocab = word_vocabulary(tok_dir)
+    assert vocab is not None and len(vocab) == 500 and "<unk>" not in vocab
+    assert resolve_prompt_mode(PromptMode.AUTO, tok_dir) is PromptMode.TEXT
+    # Two requests share their first two blocks (ids 0, 1), then differ.
+    trace = write_trace(tmp_path / "t.jsonl", [req(0, 4, last=100, first_id=10, shared=2),
+                                               req(10, 3, last=512, first_id=20, shared=2)])
+    prepared = prepare_trace(read_mooncake_trace(trace), SliceOptions(sample_every=1, scale_length=1 / 16))
+    out = write_aiperf_trace(tmp_path / "aiperf.jsonl", prepared, PromptMode.TEXT, vocab=vocab, seed=100)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert set(records[0]) == {"timestamp", "text_input", "output_length"}  # aiperf: no hash_ids with text
+    tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    ids = [tokenizer.encode(r["text_input"], add_special_tokens=False).ids for r in records]
+    assert [len(x) for x in ids] == [r.input_length for r in prepared.requests] == [3 * 32 + 6, 3 * 32]
+    assert 0 not in ids[0] + ids[1]  # no <unk>
+    assert ids[0][:64] == ids[1][:64] and ids[0][64:96] != ids[1][64:96]
+    # Deterministic: the same seed writes the same prompts, another seed different ones.
+    again = aiperf_records(prepared, PromptMode.TEXT, vocab=vocab, seed=100)
+    other = aiperf_records(prepared, PromptMode.TEXT, vocab=vocab, seed=7)
+    assert again == records and other[0]["text_input"] != records[0]["text_input"]
+
+
+def test_hash_id_records_for_real_tokenizers(tmp_path: Path) -> None:
+    (tmp_path / "bpe").mkdir()
+    (tmp_path / "bpe" / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {}}}))
+    assert resolve_prompt_mode(PromptMode.AUTO, tmp_path / "bpe") is PromptMode.HASH_IDS
+    assert resolve_prompt_mode(PromptMode.AUTO, None) is PromptMode.HASH_IDS
+    trace = write_trace(tmp_path / "t.jsonl", [req(12.6, 2, last=7, out=3)])
+    prepared = prepare_trace(read_mooncake_trace(trace), SliceOptions(sample_every=1))
+    assert aiperf_records(prepared, PromptMode.HASH_IDS) == [
+        {"timestamp": 0, "input_length": 519, "output_length": 3, "hash_ids": [0, 1]}]
+    with pytest.raises(ValueError, match="word vocabulary"):
+        aiperf_records(prepared, PromptMode.TEXT)
+
+
+# --- the aiperf command and its venv -------------------------------------------------------------
+
+def test_aiperf_command_is_the_published_one_plus_the_replay_flags(tmp_path: Path) -> None:
+    run = AiperfRun(model="M", tokenizer="/tok", url="http://127.0.0.1:9", input_file=tmp_path / "t.jsonl",
+                    artifact_dir=tmp_path / "a", block_tokens=32, extra_args=("--workers-max", "1"))
+    cmd = aiperf_command("aiperf", run)
+    joined = " ".join(cmd)
+    for part in ("profile --model M --tokenizer /tok --endpoint-type chat --endpoint /v1/chat/completions "
+                 "--streaming --url http://127.0.0.1:9", "--custom-dataset-type mooncake_trace --fixed-schedule",
+                 "--random-seed 100", "--isl-block-size 32", "--extra-inputs ignore_eos:true",
+                 "--workers-max 1"):
+        assert part in joined
+    assert cmd[cmd.index("-H") + 1] == "Authorization: Bearer NOT USED"
+    text_run = AiperfRun(model="M", tokenizer="/tok", url="u", input_file=Path("t"), artifact_dir=Path("a"),
+                         ignore_eos=False)
+    assert "--isl-block-size" not in aiperf_command("aiperf", text_run)
+    assert "--extra-inputs" not in aiperf_command("aiperf", text_run)
+    assert "HF_HUB_OFFLINE" not in aiperf_env({"HF_HUB_OFFLINE": "1", "PATH": "/bin"})
+
+
+def test_aiperf_venv_is_keyed_by_its_pin_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEXKV_CACHE_DIR", str(tmp_path / "cache"))
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("aiperf==0.13.0\n")
+    b.write_text("aiperf==0.12.0\n")
+    assert venv.venv_dir(a).parent == tmp_path / "cache"
+    assert venv.venv_dir(a).name.startswith("aiperf-") and venv.venv_dir(a) != venv.venv_dir(b)
+    assert "aiperf==0.13.0" in venv.REQUIREMENTS.read_text()
+    with pytest.raises(venv.AiperfVenvError, match="missing.txt"):
+        venv.ensure_aiperf_venv(tmp_path / "missing.txt")
+
+
+# --- results -------------------------------------------------------------------------------------
+
+def test_real_aiperf_export_is_parsed_consistently_with_its_per_request_records() -> None:
+    run = results.load_run("baseline", DATA / "baseline" / "aiperf")
+    assert (run.requests, run.errors) == (8, 0)
+    assert len(run.ttft_ms) == 8
+    assert run.units["time_to_first_token"] == "ms"
+    # aiperf's summary percentiles are those of its own per-request records.
+    assert run.stat("time_to_first_token", "p50") == pytest.approx(np.percentile(run.ttft_ms, 50))
+    assert run.stat("time_to_first_token", "p90") == pytest.approx(np.percentile(run.ttft_ms, 90))
+    assert run.stat("time_to_first_token", "avg") == pytest.approx(np.mean(run.ttft_ms))
+    assert run.stat("output_token_throughput", "avg") > 0
+    assert run.stat("time_to_first_token", "p42") is None
+
+
+def test_missing_or_foreign_summary_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(results.ResultsError, match=str(tmp_path / "x" / results.SUMMARY_JSON)):
+        results.load_run("x", tmp_path / "x")
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / results.SUMMARY_JSON).write_text('{"hello": 1}')
+    with pytest.raises(results.ResultsError, match="no time_to_first_token"):
+        results.load_run("y", tmp_path / "y")
+
+
+def copy_runs(dest: Path) -> Path:
+    for config in ("flexkv", "baseline"):
+        shutil.copytree(DATA / config, dest / config)
+    shutil.copy(DATA / "trace_info.json", dest / "trace_info.json")
+    return dest
+
+
+def test_comparison_table_in_markdown_and_csv(tmp_path: Path) -> None:
+    runs = results.discover_runs(copy_runs(tmp_path))
+    assert [r.config for r in runs] == ["baseline", "flexkv"]
+    base, flex = (r.stat("time_to_first_token", "p50") for r in runs)
+    md = results.to_markdown(runs)
+    assert md.splitlines()[0] == "| metric | stat | unit | baseline | flexkv | flexkv vs baseline |"
+    ttft_p50 = next(line for line in md.splitlines() if line.startswith("| TTFT | p50 |"))
+    assert f"{100 * (flex - base) / base:+.1f}%" in ttft_p50
+    path = results.write_csv(tmp_path / "r.csv", runs)
+    rows = {(r["metric"], r["stat"]): r for r in csv.DictReader(path.open())}
+    assert float(rows[("TTFT", "p50")]["baseline"]) == pytest.approx(base, rel=1e-5)
+    assert float(rows[("TTFT", "p50")]["flexkv vs baseline"]) == pytest.approx((flex - base) / base, rel=1e-5)
+    assert rows[("Requests completed", "")]["flexkv"] == "8"
+    for metric in ("ITL", "Request latency", "Output token throughput", "Prompt tokens read from cache"):
+        assert any(key[0] == metric for key in rows)
+
+
+@pytest.mark.slow  # matplotlib import and two figures: ~2-3 s
+def test_report_only_rebuilds_table_and_plots_from_the_out_dir(tmp_path: Path) -> None:
+    out = copy_runs(tmp_path / "out")
+    assert driver.main(["--report-only", "--out", str(out)]) == 0
+    md = (out / "results.md").read_text()
+    assert "8 requests over 3.0 s" in md and "| TTFT | p99 | ms |" in md
+    for name in ("aiperf_summary.png", "aiperf_ttft_cdf.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_says_what_the_flexkv_tiers_stored_and_served(tmp_path: Path) -> None:
+    """flexkv_status.json is what two real workers' `flexkv status` answered after a 160-request run."""
+    status = json.loads((DATA / "flexkv" / "flexkv_status.json").read_text())
+    stored = sum(w["metrics"]["stored_blocks"]["cpu"] for w in status)
+    served = sum(w["metrics"]["hit_blocks"]["cpu"] for w in status)
+    summary = driver.tier_summary(DATA / "flexkv" / "flexkv_status.json")
+    assert summary.startswith(f"{stored} blocks stored, {served} served from the tiers")
+    assert f"cpu {stored}/{served}" in summary and "ssd 0/0" in summary
+    assert driver.tier_summary(tmp_path / "absent.json") == ""
+    out = copy_runs(tmp_path / "out")
+    (out / "flexkv" / "run_info.json").write_text(json.dumps({
+        "config": "flexkv", "deployment": "deploy/single_node.sh, workers with --connector flexkv", "workers": 2,
+        "model": "tiny", "started": "2026-11-22 00:07:51"}))
+    preamble = driver.report_preamble(out)
+    assert "8 requests over 3.0 s" in preamble
+    assert "- `flexkv`: deploy/single_node.sh, workers with --connector flexkv, 2 workers" in preamble
+    assert f"FlexKV tiers over all workers: {stored} blocks stored" in preamble
+
+
+# --- the driver's arguments ----------------------------------------------------------------------
+
+def test_flags_override_the_preset() -> None:
+    args = driver.parse_args(["--launch-mocker", "--limit", "5", "--scale-time", "1/2"])
+    opts = driver.slice_options(args, "cpu")
+    assert (opts.limit, opts.scale_time) == (5, 0.5)
+    assert opts.scale_length == driver.PRESETS["cpu"].scale_length
+    assert driver.slice_options(driver.parse_args(["--limit", "0"]), "cpu").limit is None
+    assert driver.slice_options(driver.parse_args([]), "full") == SliceOptions()
+
+
+def test_url_mode_takes_one_config_label(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="one running deployment"):
+        driver.main(["--url", "http://127.0.0.1:9", "--configs", "baseline,flexkv", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown config"):
+        driver.main(["--launch-mocker", "--configs", "lmcache", "--out", str(tmp_path)])
+
+
+def test_chat_template_is_added_only_when_missing(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    assert driver.ensure_chat_template(tmp_path) is True
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert cfg["eos_token"] == "</s>" and "message['content']" in cfg["chat_template"]
+    assert driver.ensure_chat_template(tmp_path) is False
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+def test_waiting_for_a_dead_url_fails_with_the_url() -> None:
+    port = launch.free_port()
+    with pytest.raises(launch.DeploymentError, match=f"127.0.0.1:{port}.*'m'"):
+        launch.wait_for_model(f"http://127.0.0.1:{port}", "m", timeout_s=0.3, poll_s=0.1)
+
+
+def test_a_deployment_that_dies_is_reported_with_its_log(tmp_path: Path) -> None:
+    dep = launch.Deployment("t", "http://127.0.0.1:9", tmp_path)
+    dep.spawn("worker", ["bash", "-c", "echo model file not found; exit 3"])
+    time.sleep(0.5)
+    with pytest.raises(launch.DeploymentError, match=r"(?s)worker exited with status 3.*model file not found"):
+        dep.wait_ready("m", workers=1, timeout_s=5)
+    dep.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_stop_ends_the_whole_process_group_children_included(tmp_path: Path) -> None:
+    dep = launch.Deployment("t", "http://127.0.0.1:9", tmp_path)
+    # A leader that ignores SIGTERM and a background child: both must be gone after stop().
+    proc = dep.spawn("stubborn", ["bash", "-c", "trap '' TERM; sleep 60 & echo $! > child.pid; wait"], cwd=tmp_path)
+    for _ in range(50):
+        if (tmp_path / "child.pid").is_file() and (tmp_path / "child.pid").read_text().strip():
+            break
+        time.sleep(0.05)
+    child = int((tmp_path / "child.pid").read_text())
+    dep.stop(grace_s=0.5)
+    assert proc.popen.poll() is not None
+    for _ in range(20):
+        if not _alive(child):
+            break
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+FAKE_SINGLE_NODE = """#!/usr/bin/env bash
+# Stand-in for deploy/single_node.sh: records its arguments and environment, then starts a "worker"
+# in a session of its own (as the real script does with setsid) and waits.
+printf '%s\\n' "$@" > "$RECORD_DIR/args"
+echo "$ENABLE_FLEXKV" > "$RECORD_DIR/enable_flexkv"
+setsid sleep 60 &
+echo $! > "$RECORD_DIR/worker.pid"
+trap '' TERM
+wait
+"""
+
+
+@pytest.mark.parametrize("config, enabled", [("baseline", "0"), ("flexkv", "1")])
+def test_single_node_script_gets_free_ports_and_leaves_nothing_behind(tmp_path: Path, config: str,
+                                                                      enabled: str) -> None:
+    script = tmp_path / "single_node.sh"
+    script.write_text(FAKE_SINGLE_NODE)
+    opts = launch.ScriptOptions(workers=3, worker_args=("--block-size", "32"), env={"RECORD_DIR": str(tmp_path)})
+    dep = launch.start_script(config, model="/models/m", port=18999, workdir=tmp_path / "wd", options=opts,
+                              script=script)
+    try:
+        for _ in range(100):
+            if (tmp_path / "worker.pid").is_file() and (tmp_path / "worker.pid").read_text().strip():
+                break
+            time.sleep(0.05)
+        args = (tmp_path / "args").read_text().split("\n")
+        value = {flag: args[args.index(flag) + 1] for flag in ("--model", "--workers", "--http-port", "--ipc-dir",
+                                                                "--system-base-port", "--kv-events-base-port")}
+        assert (value["--model"], value["--workers"], value["--http-port"]) == ("/models/m", "3", "18999")
+        assert args[args.index("--") + 1: args.index("--") + 3] == ["--block-size", "32"]
+        assert int(value["--system-base-port"]) + 2 < 32768  # Dynamo's limit for system ports
+        assert len(value["--ipc-dir"]) < 40 and Path(value["--ipc-dir"]).is_dir()
+        assert (tmp_path / "enable_flexkv").read_text().strip() == enabled
+        worker = int((tmp_path / "worker.pid").read_text())
+        assert _alive(worker)
+    finally:
+        dep.stop(grace_s=0.5)
+    # The worker left our process group (setsid); the deployment's marker variable still finds it.
+    for _ in range(20):
+        if not _alive(worker):
+            break
+        time.sleep(0.05)
+    assert not _alive(worker)
+    assert not Path(value["--ipc-dir"]).exists()
+
+
+def test_missing_launch_script_says_what_to_use_instead(tmp_path: Path) -> None:
+    with pytest.raises(launch.DeploymentError, match="--launch-mocker"):
+        launch.start_script("flexkv", model="m", port=1, workdir=tmp_path, script=tmp_path / "nope.sh")
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.dynamo
+def test_driver_end_to_end_on_the_mocker(tmp_path: Path) -> None:
+    """The whole pipeline on a 4-request slice: deploy, replay, stop, report (about a minute)."""
+    out = tmp_path / "out"
+    port = launch.free_port()
+    cmd = [sys.executable, str(REPO_ROOT / "bench" / "aiperf_mooncake.py"), "--launch-mocker", "--limit", "4",
+           "--configs", "baseline,flexkv", "--port", str(port), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540, start_new_session=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = results.discover_runs(out)
+    assert [(r.config, r.requests, r.errors) for r in runs] == [("baseline", 4, 0), ("flexkv", 4, 0)]
+    assert all(r.stat("time_to_first_token", "p50") > 0 for r in runs)
+    assert (out / "aiperf_summary.png").is_file() and "| TTFT | p50 |" in (out / "results.md").read_text()
+    # Both configs replayed the same prepared trace, and everything started was stopped.
+    for config in ("baseline", "flexkv"):
+        info = json.loads((out / config / "run_info.json").read_text())
+        assert str(out / "trace.jsonl") in info["aiperf_command"]
+    with pytest.raises(launch.DeploymentError):
+        launch.wait_for_model(f"http://127.0.0.1:{port}", "m", timeout_s=0.2, poll_s=0.1)
+    leftovers = subprocess.run(["pgrep", "-f", f"--http-port {port}"], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == "", f"frontend still running: {leftovers.stdout}"
+
+
+@pytest.mark.slow
+@pytest.mark.dynamo
+@pytest.mark.engine
+def test_driver_end_to_end_with_vllm_workers_and_flexkv(tmp_path: Path) -> None:
+    """deploy/single_node.sh with two tiny-model vLLM workers and FlexKV, a 4-request slice.
+
+    About three minutes on two busy cores, nearly all of it engine start-up: one config only (the
+    pipeline is the same for baseline, which the mocker test covers).
+    """
+    pytest.importorskip("vllm")
+    from test_dynamo_e2e import write_torchvision_shim  # the test harness's stand-in (no CPU torchvision)
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(write_torchvision_shim(tmp_path / "shim"))}
+    cmd = [sys.executable, str(REPO_ROOT / "bench" / "aiperf_mooncake.py"), "--launch", "--limit", "4",
+           "--configs", "flexkv", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=590, env=env, start_new_session=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [run] = results.discover_runs(out)
+    assert (run.config, run.requests, run.errors) == ("flexkv", 4, 0)
+    info = json.loads((out / "flexkv" / "run_info.json").read_text())
+    assert info["deployment"] == "deploy/single_node.sh, workers with --connector flexkv"
+    worker_log = (out / "flexkv" / "deploy" / "logs" / "worker_0.log").read_text()
+    assert "FlexKVConnector" in worker_log and "ENABLE_FLEXKV is off" not in worker_log
