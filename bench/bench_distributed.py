@@ -26,7 +26,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,18 +43,13 @@ sys.path.insert(0, str(ROOT))
 
 from flexkv_core.cache import TieredCache  # noqa: E402
 from flexkv_core.config import FlexKVConfig  # noqa: E402
+from flexkv_core.distributed.transfer import free_port  # noqa: E402
 from flexkv_core.layout import CacheIdentity, KVLayout  # noqa: E402
 from flexkv_core.remote import RemoteBlock  # noqa: E402
 
 MiB, GiB = 2**20, 2**30
-TRACE = Path("/work/shared/traces/mooncake_conversation_trace.jsonl")
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
 PASSWORD = "bench-password"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fetch_layout(block_mib: float) -> KVLayout:

@@ -254,17 +254,25 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def free_port_block(count: int = 1, attempts: int = 64) -> int:
-    """A TCP port P such that P .. P+count-1 are free on all interfaces (vLLM binds ``tcp://*:P+rank``).
+def free_port_block(count: int = 1, *, low: int = 20000, high: int = 32000) -> int:
+    """A TCP port P in [low, high) such that P .. P+count-1 are free on all interfaces (vLLM binds
+    ``tcp://*:P+rank``).
 
-    Free when probed: another process may take it before vLLM binds it, which then fails loudly."""
-    for _ in range(attempts):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        if port + count - 1 <= 65535 and all(_port_is_free(port + k) for k in range(1, count)):
-            return port
-    raise OSError(f"found no {count} consecutive free TCP ports for KV events in {attempts} attempts")
+    The default range lies below the kernel's ephemeral range (32768 and up), so an outgoing connection
+    never takes one of these ports before its user binds it, and Dynamo's system ports (which must be
+    below 32768) can come from here too. The scan starts at a random port so that two launchers on one
+    machine rarely pick the same block. Free when probed: another process may take it before vLLM binds
+    it, which then fails loudly."""
+    import random  # here, not at module level: every dynamo.vllm start imports this module, few need a port
+
+    if count < 1 or not 0 < low < high <= 65536:
+        raise ValueError(f"free_port_block: bad count {count} or port range [{low}, {high})")
+    last = high - count  # highest usable first port
+    start = random.randrange(low, max(low, last) + 1)
+    for base in [*range(start, last + 1), *range(low, start)]:
+        if all(_port_is_free(base + k) for k in range(count)):
+            return base
+    raise OSError(f"found no {count} consecutive free TCP ports in [{low}, {high})")
 
 
 def _events_endpoint(env: Mapping[str, str], dp_size: int, pick_port: Callable[[int], int]) -> tuple[str, str]:

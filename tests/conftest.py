@@ -11,7 +11,6 @@ VLLM_*) are set while it is built and restored afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import patched_environ
 
 from flexkv_dynamo.tiny_model import make_tiny_model
 
@@ -35,21 +35,6 @@ FLEXKV_TRANSFER_CONFIG = {
     "kv_role": "kv_both",
     "kv_load_failure_policy": "recompute",
 }
-
-
-@contextlib.contextmanager
-def patched_environ(values: Mapping[str, str]) -> Iterator[None]:
-    """Set ``values`` in os.environ for the block, then restore what was there."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
 
 
 def flexkv_env(workdir: str | os.PathLike[str], *, cpu_gb: float = 0.25, ssd_gb: float = 0.5,

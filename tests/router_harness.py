@@ -15,43 +15,21 @@ Also here: starting throwaway etcd and NATS servers on free loopback ports.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import socket
 import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from support import free_port, wait_for
 
 from flexkv_dynamo.publisher import KvEventPublisher
-
-T = TypeVar("T")
-
-#: Dynamo hosts its servers on the machine's IP unless told otherwise; keep everything on loopback.
-LOOPBACK_ENV = ("DYN_TCP_RPC_HOST", "DYN_EVENT_PLANE_HOST", "DYN_TCP_RESPONSE_STREAM_HOST", "DYN_SYSTEM_HOST")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
-    """Poll ``predicate`` until it returns something truthy; AssertionError naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
-        time.sleep(interval)
 
 
 @dataclass(frozen=True)
@@ -305,18 +283,3 @@ def etcd_and_nats(workdir: Path, timeout: float = 20.0) -> Iterator[Servers]:
             _stop(proc)
         for log in logs:
             log.close()
-
-
-@contextmanager
-def dynamo_env(values: dict[str, str]) -> Iterator[None]:
-    """Set Dynamo's environment (read when its runtime starts) and restore it afterwards."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

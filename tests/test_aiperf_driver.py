@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import write_torchvision_shim  # the test harness's stand-in (no CPU torchvision)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -468,7 +469,6 @@ def test_driver_end_to_end_with_vllm_workers_and_flexkv(tmp_path: Path) -> None:
     pipeline is the same for baseline, which the mocker test covers).
     """
     pytest.importorskip("vllm")
-    from test_dynamo_e2e import write_torchvision_shim  # the test harness's stand-in (no CPU torchvision)
 
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(write_torchvision_shim(tmp_path / "shim"))}

@@ -29,6 +29,7 @@ import msgspec
 import pytest
 import zmq
 from conftest import BLOCK_SIZE, FLEXKV_TRANSFER_CONFIG, MAX_BATCHED_TOKENS, Engine, flexkv_env, start_engine
+from support import free_port
 
 from flexkv_core.layout import Tier
 
@@ -46,14 +47,6 @@ def prompt(seed: int, n: int) -> list[int]:
     """``n`` token ids, a different sequence for every seed."""
     rng = random.Random(seed)
     return [rng.choice(VOCAB) for _ in range(n)]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class EventStream:

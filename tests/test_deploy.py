@@ -28,15 +28,15 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import short_tmpdir
-from test_dynamo_e2e import (
+from support import (
     CHAT_TEMPLATE,
     base_env,
     free_port,
     http_json,
+    make_hook_venv,
     tiny_worker_args,
     write_torchvision_shim,
 )
-from test_launch_args import make_hook_venv
 
 from flexkv_core.config import load_config
 from flexkv_dynamo.tiny_model import words

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -36,12 +36,6 @@ pytestmark = [pytest.mark.servers]
 
 # ------------------------------------------------------------------------------------------------------
 # servers and node processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
@@ -186,17 +180,6 @@ def cluster(tmp_path):
     CpuPool.remove_stale("flexkv-dist-test-")  # the CPU pools of nodes the test killed
 
 
-def wait_for(predicate, timeout: float, what: str, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(step)
-
-
 def fingerprint(layout=SMALL) -> str:
     from flexkv_core.layout import CacheIdentity
 
@@ -267,7 +250,7 @@ def test_a_serving_node_that_freezes_or_dies_mid_transfer_is_a_miss_not_a_hang(c
         b.call("load_start", hashes=hashes)
         if when_granted:
             # The moment A granted the export, B's transfer engine is reading: interrupt it.
-            wait_for(lambda: b.call("describe")["stats"]["grants"] > grants, 10, "A to grant", step=0.002)
+            wait_for(lambda: b.call("describe")["stats"]["grants"] > grants, 10, "A to grant", interval=0.002)
             action()
         t0 = time.monotonic()
         result = wait_for(lambda: b.call("load_result"), 15, "B's load to end")

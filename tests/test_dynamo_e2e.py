@@ -1,6 +1,6 @@
 """End to end: Dynamo's KV router in front of two ``python -m dynamo.vllm --connector flexkv`` workers.
 
-The command is the one users type (tests/test_launch_args.py's throwaway virtualenv has the hook
+The command is the one users type (`support.make_hook_venv`'s throwaway virtualenv has the hook
 installed, as scripts/setup.sh installs it), on the tiny model, with file discovery and the ZMQ event
 plane on loopback (no etcd/NATS). One frontend and two workers are shared by the module (about three
 minutes to start on two busy cores). What it proves:
@@ -25,12 +25,9 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,83 +35,20 @@ from typing import Any
 
 import pytest
 from conftest import short_tmpdir
-from test_launch_args import make_hook_venv
+from support import (
+    BLOCK_SIZE,
+    CHAT_TEMPLATE,
+    GPU_BLOCKS,
+    base_env,
+    free_port,
+    http_json,
+    make_hook_venv,
+    tiny_worker_args,
+    write_torchvision_shim,
+)
 
 from flexkv_dynamo.launch_args import translate
 from flexkv_dynamo.tiny_model import words
-
-#: Blocks of vLLM's (GPU) KV cache per worker: small, so that a few prompts push a prefix out of it.
-GPU_BLOCKS = 48
-BLOCK_SIZE = 32
-#: The chat template the tiny model lacks (Dynamo's frontend refuses a chat model without one).
-CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
-LOOPBACK = ("DYN_TCP_RPC_HOST", "DYN_EVENT_PLANE_HOST", "DYN_TCP_RESPONSE_STREAM_HOST", "DYN_SYSTEM_HOST")
-
-#: transformers (imported by dynamo.vllm for image models) wants torchvision, which has no CPU build
-#: on PyPI. This stand-in goes on the test subprocesses' PYTHONPATH only, never into the product: any
-#: ``torchvision.*`` module imports, any name in it is a class that refuses to be used.
-TORCHVISION_SHIM = '''\
-"""Test-only stand-in for torchvision: transformers imports parts of it at module level for image
-models; the text-only test model never calls any of it."""
-import importlib.machinery
-import sys
-
-__version__ = "0.0.0+test-stub"
-
-
-class _StubMeta(type):
-    def __getattr__(cls, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _stub(name)
-
-
-def _stub(name):
-    def refuse(*args, **kwargs):
-        raise RuntimeError(f"torchvision stub: {name} is not available in this test environment")
-    return _StubMeta(name, (), {"__init__": refuse, "__call__": refuse})
-
-
-def _module_getattr(name):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return _stub(name)
-
-
-class _Loader:
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module):
-        module.__path__ = []
-        module.__getattr__ = _module_getattr
-
-
-class _Finder:
-    def find_spec(self, name, path=None, target=None):
-        if name.startswith("torchvision."):
-            return importlib.machinery.ModuleSpec(name, _Loader(), is_package=True)
-        return None
-
-
-sys.meta_path.append(_Finder())
-__getattr__ = _module_getattr
-'''
-
-
-def write_torchvision_shim(root: Path) -> Path:
-    """Write the shim package under ``root``; return the directory to put on PYTHONPATH."""
-    pkg = root / "torchvision"
-    pkg.mkdir(parents=True, exist_ok=True)
-    (pkg / "__init__.py").write_text(TORCHVISION_SHIM)
-    return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # ---- processes -----------------------------------------------------------------------------------------
 
@@ -162,13 +96,6 @@ class Proc:
             self.popen.wait(10)
 
 
-def http_json(url: str, body: Any = None, timeout: float = 120.0) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.load(resp)
-
-
 def flexkv_status_cli(endpoint: str) -> dict[str, Any]:
     """The worker cache's answer to ``flexkv status --endpoint E --json`` (the operator's command)."""
     out = subprocess.run([sys.executable, "-m", "flexkv_core.cli", "status", "--endpoint", endpoint, "--json"],
@@ -205,27 +132,6 @@ def stop_all(procs: Sequence[Proc], timeout: float = 30.0) -> None:
             pass
     for proc in procs:
         proc.stop(timeout=0)
-
-
-def base_env(workdir: Path, shim: Path) -> dict[str, str]:
-    """The environment of every process: file discovery + ZMQ event plane on loopback, small caches."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("FLEXKV_", "DYN_", "ETCD_", "NATS_")) and k not in ("KV_ENDPOINT", "ENABLE_FLEXKV")}
-    env.update({name: "127.0.0.1" for name in LOOPBACK})
-    env.update(
-        DYN_DISCOVERY_BACKEND="file", DYN_FILE_KV=str(workdir / "discovery"), DYN_EVENT_PLANE="zmq",
-        DYN_REQUEST_PLANE="tcp", DYN_LOG="info", DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS="0.5",
-        PYTHONPATH=str(shim),
-        VLLM_CPU_KVCACHE_SPACE="1", DYNAMO_USE_FLEXKV="1", FLEXKV_CPU_CACHE_GB="0.25", FLEXKV_SSD_CACHE_GB="0",
-    )
-    return env
-
-
-def tiny_worker_args(model_dir: str, template: Path) -> list[str]:
-    """vLLM/Dynamo flags that make the tiny model start fast and keep its GPU cache tiny."""
-    return ["--block-size", str(BLOCK_SIZE), "--max-model-len", "1024", "--num-gpu-blocks-override", str(GPU_BLOCKS),
-            "--enforce-eager", "--dtype", "float32", "--distributed-executor-backend", "uni",
-            "--custom-jinja-template", str(template)]
 
 
 def wait_until_serving(url: str, procs: Sequence[Proc], workers: int, timeout: float) -> str:

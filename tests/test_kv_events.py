@@ -13,7 +13,8 @@ import time
 import msgspec
 import pytest
 import zmq
-from router_harness import free_port, vllm_block_hashes, wait_for
+from router_harness import vllm_block_hashes
+from support import free_port, wait_for
 
 from flexkv_core import events as core
 from flexkv_core.layout import Tier

@@ -19,6 +19,7 @@ import timeit
 from pathlib import Path
 
 import pytest
+from support import make_hook_venv
 
 from flexkv_dynamo import dynamo_hook
 from flexkv_dynamo.launch_args import (
@@ -282,26 +283,6 @@ def main():
     sys.stdout.write(json.dumps({"argv": sys.argv[1:], "DYN_CONNECTOR": os.environ.get("DYN_CONNECTOR"),
                                  "hook_loaded": "flexkv_dynamo.dynamo_hook" in sys.modules}))
 """
-
-
-def make_hook_venv(root: Path) -> Path:
-    """A virtualenv in ``root`` layered on ours (everything importable) with the hook's .pth installed by
-    `dynamo_hook.install`, as scripts/setup.sh installs it; returns its python. Creating one takes ~0.1 s."""
-    venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    py = venv / "bin" / "python"
-    site_dir = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    ours = _site_of_this_python()  # our venv's site-packages: its own .pth files are processed too
-    Path(site_dir, "_base.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
-    dynamo_hook.install(site_dir)
-    return py
-
-
-def _site_of_this_python() -> str:
-    import sysconfig
-
-    return sysconfig.get_paths()["purelib"]
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,13 @@ import itertools
 import msgspec
 import pytest
 from router_harness import (
-    LOOPBACK_ENV,
     Overlap,
     RouterHarness,
-    dynamo_env,
     etcd_and_nats,
     missing_server_binaries,
     vllm_block_hashes,
 )
+from support import LOOPBACK_ENV, patched_environ
 
 from flexkv_core import events as core
 from flexkv_core.layout import Tier
@@ -47,7 +46,7 @@ def router(request, tmp_path_factory, vllm_kv):
     workdir = tmp_path_factory.mktemp(request.param.replace("+", "-"))
     loopback = {name: "127.0.0.1" for name in LOOPBACK_ENV}
     if request.param == "file+zmq":
-        with dynamo_env({**loopback, "DYN_FILE_KV": str(workdir / "discovery")}):
+        with patched_environ({**loopback, "DYN_FILE_KV": str(workdir / "discovery")}):
             harness = RouterHarness(block_size=BS, discovery="file", event_plane="zmq")
             try:
                 harness.sync()
@@ -59,7 +58,7 @@ def router(request, tmp_path_factory, vllm_kv):
     if missing:
         pytest.skip(f"etcd + NATS variant needs {' and '.join(missing)} on PATH")
     with etcd_and_nats(workdir) as servers:
-        with dynamo_env({**loopback, "ETCD_ENDPOINTS": servers.etcd_url, "NATS_SERVER": servers.nats_url}):
+        with patched_environ({**loopback, "ETCD_ENDPOINTS": servers.etcd_url, "NATS_SERVER": servers.nats_url}):
             harness = RouterHarness(block_size=BS, discovery="etcd", event_plane="nats")
             try:
                 harness.sync()

@@ -15,6 +15,7 @@ import msgspec
 import pytest
 import zmq
 from prometheus_client import CollectorRegistry
+from support import free_port
 
 from flexkv_core import cli
 from flexkv_core.client import CacheClient, ServiceError, ServiceUnavailable
@@ -96,19 +97,13 @@ def services():
         svc.stop()
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(params=["ipc", "tcp"])
 def endpoint(request, tmp_path) -> str:
     if request.param == "ipc":
         ep = f"ipc://{tmp_path}/kv"
         assert len(ep) < 100
         return ep
-    return f"tcp://127.0.0.1:{free_tcp_port()}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 def expect_in_use(endpoint: str, **kw) -> tuple[EndpointInUse, float]:

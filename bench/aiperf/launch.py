@@ -23,7 +23,6 @@ import atexit
 import json
 import logging
 import os
-import random
 import shutil
 import signal
 import socket
@@ -37,6 +36,8 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from flexkv_dynamo.launch_args import free_port_block
 
 log = logging.getLogger(__name__)
 
@@ -282,28 +283,6 @@ def start_mocker(config: str, *, model_dir: str, model_name: str, port: int, wor
     dep.spawn("mocker", cmd, env)
     return dep
 
-
-
-def free_port_block(count: int, *, low: int = 20000, high: int = 32000) -> int:
-    """The first port of ``count`` consecutive free TCP ports in [low, high).
-
-    Dynamo wants worker system ports below 32768, where the kernel's ephemeral range does not hand
-    out ports, so `free_port` cannot be used for them.
-    """
-    start = low + random.randrange(0, max(1, high - low - count))
-    for base in list(range(start, high - count)) + list(range(low, start)):
-        if all(_port_free(base + i) for i in range(count)):
-            return base
-    raise DeploymentError(f"no {count} consecutive free ports in [{low}, {high})")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 @dataclass(frozen=True)

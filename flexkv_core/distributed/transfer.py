@@ -52,7 +52,7 @@ from ..config import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineProcess", "EngineSettings", "MooncakeTransport", "TransferError", "check_metadata"]
+__all__ = ["EngineProcess", "EngineSettings", "MooncakeTransport", "TransferError", "check_metadata", "free_port"]
 
 
 class TransferError(RuntimeError):
@@ -101,7 +101,8 @@ def _coalesce(local: Sequence[int], remote: Sequence[int], lengths: Sequence[int
     return out_l, out_r, out_n
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -134,7 +135,7 @@ class MooncakeTransport:
         p2p = s.metadata == "P2PHANDSHAKE"
         # P2P: peers learn our handshake port from get_rpc_port(). etcd: our segment is published under
         # our local name, which must be unique: "host:port".
-        local_name = s.host if p2p else f"{s.host}:{s.port or _free_port(s.host)}"
+        local_name = s.host if p2p else f"{s.host}:{s.port or free_port(s.host)}"
         rc = self._engine.initialize(local_name, s.metadata, s.protocol, s.device or "")
         if rc != 0:
             raise TransferError(f"Mooncake transfer engine failed to start (rc={rc}) with te_protocol={s.protocol} "
