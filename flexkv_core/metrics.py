@@ -176,17 +176,22 @@ class CacheMetrics:
     def _create_series(self, fam: _Families) -> None:
         # Touch every series once so that they are exported at 0 from the start: a rate() over a series
         # that appears only at its first increment misses that increment.
+        for metric, labels in self._series(fam):
+            metric.labels(*labels)
+
+    def _series(self, fam: _Families):
+        """Every (metric, label values) this instance exports."""
         inst = self.instance
         for m in (fam.lookups, fam.lookup_blocks, fam.lookup_found_blocks, fam.checksum_failures,
                   fam.pinned_blocks):
-            m.labels(inst)
+            yield m, (inst,)
         for m in (fam.hit_blocks, fam.stored_blocks, fam.evicted_blocks, fam.io_errors, fam.used_slots,
                   fam.capacity_slots):
             for tier in TIERS:
-                m.labels(inst, tier)
+                yield m, (inst, tier)
         for m in (fam.bytes_moved, fam.transfer_seconds):
             for direction in DIRECTIONS:
-                m.labels(inst, direction)
+                yield m, (inst, direction)
 
     # --- recording ----------------------------------------------------------------------------------
 
@@ -284,17 +289,8 @@ class CacheMetrics:
         fam, self._fam = self._fam, None
         if fam is None:
             return
-        inst = self.instance
-        for m in (fam.lookups, fam.lookup_blocks, fam.lookup_found_blocks, fam.checksum_failures,
-                  fam.pinned_blocks):
-            m.remove(inst)
-        for m in (fam.hit_blocks, fam.stored_blocks, fam.evicted_blocks, fam.io_errors, fam.used_slots,
-                  fam.capacity_slots):
-            for tier in TIERS:
-                m.remove(inst, tier)
-        for m in (fam.bytes_moved, fam.transfer_seconds):
-            for direction in DIRECTIONS:
-                m.remove(inst, direction)
+        for metric, labels in self._series(fam):
+            metric.remove(*labels)
         with _families_lock:
             _exporting.get(self._registry, weakref.WeakSet()).discard(self)
 
