@@ -30,7 +30,7 @@ import xxhash
 
 from .allocator import SlotAllocator
 from .config import FlexKVConfig
-from .events import CacheCleared, CacheEvent, EventLog
+from .events import BlockRemoved, CacheCleared, CacheEvent, EventLog
 from .hashing import tokens_to_bytes
 from .index import Block, LookupResult, PrefixIndex, parents_first
 from .layout import CacheIdentity, Tier
@@ -110,6 +110,10 @@ class TieredCache:
         self._exports: dict[int, tuple[LoadPlan, threading.Timer]] = {}  # blocks lent to peers
         # Blocks being staged SSD -> CPU, with the other loads that joined that staging.
         self._staging: dict[int, list[LoadPlan]] = {}
+        # Blocks whose CPU copy was stored from the engine while an SSD copy existed: their CPU bytes may
+        # differ from the SSD record (slot padding, a recomputation), so its checksum does not vouch for them.
+        self._cpu_differs: set[int] = set()
+        self.events.add_listener(self._on_event)
         self.remote = remote
         self.keep_remote = keep_remote  # index fetched blocks as our own CPU blocks (else scratch only)
         self._closed = False
@@ -157,6 +161,9 @@ class TieredCache:
                 return None
             wanted = wanted[:len(slots)]
             for (i, h, parent), slot in zip(wanted, slots):
+                b = self.index.get(h)
+                if b is not None and b.held(Tier.SSD):
+                    self._cpu_differs.add(h)
                 self.index.begin_fill(Tier.CPU, h, slot, parent=parent,
                                       tokens=tokens_to_bytes(token_ids[i * bs:(i + 1) * bs]))
             plan = StorePlan(next(self._jobs), [h for _, h, _ in wanted], slots, [i for i, _, _ in wanted])
@@ -381,6 +388,7 @@ class TieredCache:
             return {"job": 0, "slots": [], "parents": [], "tokens": [], "checksums": []}
         with self._lock:
             blocks = [self.index.get(h) for h in plan.block_hashes[:n]]
+            known = [self._ssd_checksum(b) for b in blocks]
             timer = threading.Timer(lease_s, self.release_export, args=(plan.job_id,))
             timer.daemon = True
             self._exports[plan.job_id] = (plan, timer)
@@ -388,7 +396,20 @@ class TieredCache:
         slots = plan.slots[:n]
         return {"job": plan.job_id, "slots": slots, "parents": [b.parent for b in blocks],
                 "tokens": [b.tokens for b in blocks],
-                "checksums": [xxhash.xxh3_64_intdigest(self.pool.slot(s)) for s in slots]}
+                "checksums": [xxhash.xxh3_64_intdigest(self.pool.slot(s)) if c is None else c
+                              for s, c in zip(slots, known)]}
+
+    def _on_event(self, event: CacheEvent) -> None:
+        if isinstance(event, BlockRemoved) and event.tier is Tier.CPU:
+            self._cpu_differs.difference_update(event.block_hashes)
+
+    def _ssd_checksum(self, b: Block) -> int | None:
+        """The checksum the SSD tier recorded for ``b``'s slot bytes, if it has a copy: the CPU copy holds
+        the same bytes (written from it, or staged from it and verified), so exports need not hash again."""
+        if self.ssd is None or not b.ready(Tier.SSD) or b.hash in self._cpu_differs:
+            return None
+        record = self.ssd.record(b.slot_in(Tier.SSD))
+        return record.checksum if record is not None and record.block_hash == b.hash else None
 
     def release_export(self, job: int) -> bool:
         """The peer finished reading (or its lease lapsed): unpin. False if already released."""
@@ -521,6 +542,7 @@ class TieredCache:
                         other._failed.add(b.hash)
             if good:
                 self.index.finish_fill(Tier.CPU, good)
+                self._cpu_differs.difference_update(good)  # staged: the SSD bytes, verified
                 self.metrics.moved("ssd_to_cpu", len(good) * self.layout.slot_bytes, time.perf_counter() - started)
             if bad:
                 # A failed read or checksum mismatch: that SSD copy is gone for good (Removed), and the

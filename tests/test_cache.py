@@ -465,3 +465,23 @@ def test_staging_never_evicts_the_chain_it_is_loading(tmp_path):
                 assert torch.equal(a, b)
         assert cache.flush(timeout=10)
         assert_quiescent(cache)
+
+
+def test_export_checksums_vouch_for_the_cpu_bytes_actually_lent(tmp_path):
+    """A block re-stored from the engine while its SSD copy exists may hold other bytes in CPU than on SSD
+    (a recomputation, slot padding): an export must not reuse the SSD checksum for it."""
+    with make_cache(tmp_path / "a", ssd_blocks=32) as a, make_cache(tmp_path / "b") as b:
+        ea, eb = Engine(a, seed=1), Engine(b, seed=2)
+        tokens = tokens_for(30, 3)
+        hashes = store(a, ea, tokens, [0, 1, 2])
+        assert a.flush(timeout=10)
+        a.evict_all(Tier.CPU)  # SSD-only now
+        for plane in ea.planes:
+            plane[0:3] += 1  # the engine recomputed slightly different KV
+        store(a, ea, tokens, [0, 1, 2])  # CPU copies from the engine again, SSD copies stay
+        want = [ea.block(i) for i in range(3)]
+        b.remote = SameProcessPeer(a)
+        assert load(b, eb, hashes, [5, 6, 7]) == 3
+        for i in range(3):
+            for got, exp in zip(eb.block(5 + i), want[i]):
+                assert torch.equal(got, exp)
