@@ -70,6 +70,21 @@ def load(cache: TieredCache, engine: Engine, hashes: list[int], block_ids: list[
     return n
 
 
+def assert_blocks(engine: Engine, block_ids, want) -> None:
+    """Engine blocks ``block_ids`` hold exactly the planes in ``want`` (one list of planes per block)."""
+    for i, block_id in enumerate(block_ids):
+        for got, exp in zip(engine.block(block_id), want[i]):
+            assert torch.equal(got, exp)
+
+
+def store_on_ssd_only(cache: TieredCache, engine: Engine, tokens: list[int], block_ids: list[int]) -> list[int]:
+    """Store a prompt, wait for its SSD write-back, then drop its CPU copies."""
+    hashes = store(cache, engine, tokens, block_ids)
+    assert cache.flush(timeout=10)
+    cache.evict_all(Tier.CPU)
+    return hashes
+
+
 class Balance:
     """Stored/Removed bookkeeping per tier, as Dynamo's router keeps it."""
 
@@ -108,9 +123,7 @@ def test_cpu_round_trip_is_byte_exact(tmp_path):
         assert cache.lookup(hashes).cpu == 5
         engine.wipe(range(64))
         assert load(cache, engine, hashes, [10, 11, 12, 13, 14]) == 5
-        for i in range(5):
-            for got, exp in zip(engine.block(10 + i), want[i]):
-                assert torch.equal(got, exp)
+        assert_blocks(engine, range(10, 10 + 5), want)
         assert cache.lookup(chain_hashes(tokens_for(2, 5), LAYOUT.block_size)).total == 0
         assert_quiescent(cache)
 
@@ -147,9 +160,7 @@ def test_ssd_round_trip_after_cpu_eviction(tmp_path):
         assert (r.cpu, r.ssd, r.total) == (0, 6, 6)
         engine.wipe(range(64))
         assert load(cache, engine, hashes, list(range(20, 26))) == 6
-        for i in range(6):
-            for got, exp in zip(engine.block(20 + i), want[i]):
-                assert torch.equal(got, exp)
+        assert_blocks(engine, range(20, 20 + 6), want)
         # Staging made them CPU-resident again, announced as such.
         bal.feed(cache.take_events())
         assert bal.held(Tier.CPU) == set(hashes)
@@ -188,9 +199,7 @@ def test_warm_restart_finds_ssd_blocks_and_other_identity_does_not(tmp_path):
         assert cache.lookup(hashes).ssd == 4
         engine = Engine(cache, seed=99)
         assert load(cache, engine, hashes, [30, 31, 32, 33]) == 4
-        for i in range(4):
-            for got, exp in zip(engine.block(30 + i), want[i]):
-                assert torch.equal(got, exp)
+        assert_blocks(engine, range(30, 30 + 4), want)
     other = CacheIdentity(model="another-model", layout=LAYOUT)
     with make_cache(tmp_path, ssd_blocks=32, identity=other) as cache:
         assert cache.lookup(hashes).total == 0
@@ -201,9 +210,7 @@ def test_corrupted_ssd_slot_is_a_miss_never_wrong_bytes(tmp_path):
     with make_cache(tmp_path, cpu_blocks=8, ssd_blocks=32) as cache:
         engine = Engine(cache)
         want = [engine.block(i) for i in range(4)]
-        hashes = store(cache, engine, tokens_for(6, 4), [0, 1, 2, 3])
-        cache.flush(timeout=10)
-        cache.evict_all(Tier.CPU)
+        hashes = store_on_ssd_only(cache, engine, tokens_for(6, 4), [0, 1, 2, 3])
         cache.take_events()
         bad = cache.index.get(hashes[2]).slot_in(Tier.SSD)
         path, offset = cache.ssd.location(bad)
@@ -212,9 +219,7 @@ def test_corrupted_ssd_slot_is_a_miss_never_wrong_bytes(tmp_path):
             f.write(b"\xff" * 64)
         engine.wipe(range(64))
         assert load(cache, engine, hashes, [40, 41, 42, 43]) == 2  # blocks 0-1 usable, 2 corrupt
-        for i in range(2):
-            for got, exp in zip(engine.block(40 + i), want[i]):
-                assert torch.equal(got, exp)
+        assert_blocks(engine, range(40, 40 + 2), want)
         events = cache.take_events()
         removed = [h for ev in events if isinstance(ev, BlockRemoved) and ev.tier is Tier.SSD for h in ev.block_hashes]
         assert removed == [hashes[2]]
@@ -238,9 +243,7 @@ def test_failed_store_rolls_back_and_announces_nothing(tmp_path):
 def test_finish_load_while_staging_releases_everything(tmp_path):
     with make_cache(tmp_path, cpu_blocks=8, ssd_blocks=32) as cache:
         engine = Engine(cache)
-        hashes = store(cache, engine, tokens_for(8, 4), [0, 1, 2, 3])
-        cache.flush(timeout=10)
-        cache.evict_all(Tier.CPU)
+        hashes = store_on_ssd_only(cache, engine, tokens_for(8, 4), [0, 1, 2, 3])
         plan = cache.prepare_load(hashes)
         cache.finish_load(plan)  # the request was aborted before its blocks arrived
         assert plan.ready.result(timeout=10) == 4
@@ -359,9 +362,7 @@ def test_remote_blocks_extend_the_local_prefix_and_become_local(tmp_path):
         assert (r.cpu, r.total, r.remote) == (2, 6, 4)
         eb.wipe(range(64))
         assert load(b, eb, hashes, list(range(10, 16))) == 6
-        for i in range(2, 6):  # the fetched ones are a's bytes
-            for got, exp in zip(eb.block(10 + i), want[i]):
-                assert torch.equal(got, exp)
+        assert_blocks(eb, range(12, 16), want[2:])  # the fetched ones are a's bytes
         # Kept locally: announced as our CPU blocks, chained onto our own prefix.
         (ev,) = b.take_events()
         assert ev.tier is Tier.CPU and ev.block_hashes == hashes[2:] and ev.parent_block_hash == hashes[1]
@@ -389,9 +390,7 @@ def test_a_second_load_joins_a_staging_in_flight(tmp_path):
     with make_cache(tmp_path, cpu_blocks=16, ssd_blocks=32) as cache:
         engine = Engine(cache)
         want = [engine.block(i) for i in range(4)]
-        hashes = store(cache, engine, tokens_for(13, 4), [0, 1, 2, 3])
-        cache.flush(timeout=10)
-        cache.evict_all(Tier.CPU)
+        hashes = store_on_ssd_only(cache, engine, tokens_for(13, 4), [0, 1, 2, 3])
         with cache._lock:  # holds the staging's completion back until both loads are planned
             first = cache.prepare_load(hashes[:2])  # stages blocks 0-1 from SSD
             second = cache.prepare_load(hashes)  # joins that staging for 0-1, stages 2-3 itself
@@ -400,9 +399,7 @@ def test_a_second_load_joins_a_staging_in_flight(tmp_path):
         assert first.ready.result(timeout=10) == 2 and second.ready.result(timeout=10) == 4
         engine.wipe(range(64))
         engine.copier.from_pool(second.slots, [20, 21, 22, 23]).wait()
-        for i in range(4):
-            for got, exp in zip(engine.block(20 + i), want[i]):
-                assert torch.equal(got, exp)
+        assert_blocks(engine, range(20, 20 + 4), want)
         cache.finish_load(first)
         cache.finish_load(second)
         assert_quiescent(cache)
@@ -460,9 +457,7 @@ def test_staging_never_evicts_the_chain_it_is_loading(tmp_path):
         engine.wipe(range(8, 12))
         got = load(cache, engine, x[:promised], list(range(8, 8 + promised)))
         assert got == promised
-        for i in range(got):
-            for a, b in zip(engine.block(8 + i), want[i]):
-                assert torch.equal(a, b)
+        assert_blocks(engine, range(8, 8 + got), want)
         assert cache.flush(timeout=10)
         assert_quiescent(cache)
 
@@ -482,6 +477,4 @@ def test_export_checksums_vouch_for_the_cpu_bytes_actually_lent(tmp_path):
         want = [ea.block(i) for i in range(3)]
         b.remote = SameProcessPeer(a)
         assert load(b, eb, hashes, [5, 6, 7]) == 3
-        for i in range(3):
-            for got, exp in zip(eb.block(5 + i), want[i]):
-                assert torch.equal(got, exp)
+        assert_blocks(eb, range(5, 5 + 3), want)
