@@ -110,9 +110,10 @@ class TieredCache:
         self._exports: dict[int, tuple[LoadPlan, threading.Timer]] = {}  # blocks lent to peers
         # Blocks being staged SSD -> CPU, with the other loads that joined that staging.
         self._staging: dict[int, list[LoadPlan]] = {}
-        # Blocks whose CPU copy was stored from the engine while an SSD copy existed: their CPU bytes may
-        # differ from the SSD record (slot padding, a recomputation), so its checksum does not vouch for them.
-        self._cpu_differs: set[int] = set()
+        # xxh3 of CPU copies' slot bytes, where known: exports hand them to the peer that verifies what it
+        # read. Learnt for free from SSD writes and reads and from verified fetches, else computed once
+        # (`remember_checksums`, or the first export) and kept until that CPU copy is removed.
+        self._cpu_sums: dict[int, int] = {}
         self.events.add_listener(self._on_event)
         self.remote = remote
         self.keep_remote = keep_remote  # index fetched blocks as our own CPU blocks (else scratch only)
@@ -161,9 +162,6 @@ class TieredCache:
                 return None
             wanted = wanted[:len(slots)]
             for (i, h, parent), slot in zip(wanted, slots):
-                b = self.index.get(h)
-                if b is not None and b.held(Tier.SSD):
-                    self._cpu_differs.add(h)
                 self.index.begin_fill(Tier.CPU, h, slot, parent=parent,
                                       tokens=tokens_to_bytes(token_ids[i * bs:(i + 1) * bs]))
             plan = StorePlan(next(self._jobs), [h for _, h, _ in wanted], slots, [i for i, _, _ in wanted])
@@ -374,10 +372,11 @@ class TieredCache:
 
     # ---- lending blocks to peers (the serving side of distributed reuse) ---------------------------
 
-    def export(self, block_hashes: Sequence[int], lease_s: float = 30.0, timeout_s: float = 10.0) -> dict:
+    def export(self, block_hashes: Sequence[int], lease_s: float = 30.0, timeout_s: float = 10.0,
+               checksums: bool = True) -> dict:
         """Pin the leading blocks we hold (staging SSD-only ones into CPU) so a peer can read their CPU
-        slots, for at most ``lease_s`` seconds. Returns the slots, each block's parent and tokens, and an
-        xxh3 checksum of each slot's bytes that the reader verifies after its transfer."""
+        slots, for at most ``lease_s`` seconds. Returns the slots, each block's parent and tokens, and
+        (if ``checksums``, else None each) an xxh3 of each slot's bytes for the reader to verify."""
         plan = self.prepare_load(block_hashes, use_remote=False)
         try:
             n = plan.ready.result(timeout=timeout_s)
@@ -386,30 +385,55 @@ class TieredCache:
         if n == 0:
             self.finish_load(plan)
             return {"job": 0, "slots": [], "parents": [], "tokens": [], "checksums": []}
+        hashes, slots = plan.block_hashes[:n], plan.slots[:n]
         with self._lock:
-            blocks = [self.index.get(h) for h in plan.block_hashes[:n]]
-            known = [self._ssd_checksum(b) for b in blocks]
+            blocks = [self.index.get(h) for h in hashes]
+            sums = [self._cpu_sums.get(h) for h in hashes] if checksums else [None] * n
+        # The plan pins these copies: hash the unknown ones outside the lock, remember them for the next peer.
+        computed = {h: xxhash.xxh3_64_intdigest(self.pool.slot(s))
+                    for h, s, c in zip(hashes, slots, sums) if checksums and c is None}
+        with self._lock:
+            self._cpu_sums.update(computed)
             timer = threading.Timer(lease_s, self.release_export, args=(plan.job_id,))
             timer.daemon = True
             self._exports[plan.job_id] = (plan, timer)
         timer.start()
-        slots = plan.slots[:n]
         return {"job": plan.job_id, "slots": slots, "parents": [b.parent for b in blocks],
-                "tokens": [b.tokens for b in blocks],
-                "checksums": [xxhash.xxh3_64_intdigest(self.pool.slot(s)) if c is None else c
-                              for s, c in zip(slots, known)]}
+                "tokens": [b.tokens for b in blocks], "checksums": [computed.get(h, c) for h, c in zip(hashes, sums)]}
+
+    def remember_checksums(self, block_hashes: Sequence[int]) -> int:
+        """Compute the checksums of those blocks' CPU copies that have none yet, so that lending them to a
+        peer later costs no hashing (a distributed node calls this in the background after stores).
+        Skips blocks whose SSD write is in flight: the write computes it. Returns how many it computed."""
+        with self._lock:
+            todo = []
+            for h in block_hashes:
+                b = self.index.get(h)
+                if (b is None or not b.ready(Tier.CPU) or h in self._cpu_sums
+                        or (b.held(Tier.SSD) and not b.ready(Tier.SSD))):
+                    continue
+                self.index.pin(Tier.CPU, h)  # its bytes stay put while we read them
+                todo.append((h, b.slot_in(Tier.CPU)))
+        sums = {}
+        try:
+            for h, slot in todo:
+                sums[h] = xxhash.xxh3_64_intdigest(self.pool.slot(slot))
+        finally:
+            with self._lock:
+                self._cpu_sums.update(sums)
+                for h, _ in todo:
+                    self.index.unpin(Tier.CPU, h)
+        return len(sums)
 
     def _on_event(self, event: CacheEvent) -> None:
         if isinstance(event, BlockRemoved) and event.tier is Tier.CPU:
-            self._cpu_differs.difference_update(event.block_hashes)
+            for h in event.block_hashes:
+                self._cpu_sums.pop(h, None)
 
-    def _ssd_checksum(self, b: Block) -> int | None:
-        """The checksum the SSD tier recorded for ``b``'s slot bytes, if it has a copy: the CPU copy holds
-        the same bytes (written from it, or staged from it and verified), so exports need not hash again."""
-        if self.ssd is None or not b.ready(Tier.SSD) or b.hash in self._cpu_differs:
-            return None
-        record = self.ssd.record(b.slot_in(Tier.SSD))
-        return record.checksum if record is not None and record.block_hash == b.hash else None
+    def _ssd_checksum(self, h: int, ssd_slot: int) -> int | None:
+        """The checksum the SSD tier recorded for block ``h`` in ``ssd_slot``."""
+        record = self.ssd.record(ssd_slot) if self.ssd is not None else None
+        return record.checksum if record is not None and record.block_hash == h else None
 
     def release_export(self, job: int) -> bool:
         """The peer finished reading (or its lease lapsed): unpin. False if already released."""
@@ -516,6 +540,8 @@ class TieredCache:
             bad = [h for h, good in zip(hashes, results) if not good]
             if ok:
                 self.index.finish_fill(Tier.SSD, ok)
+                for h in ok:  # written from the CPU copy, which was pinned meanwhile: the same bytes
+                    self._remember(h, self._ssd_checksum(h, self.index.get(h).slot_in(Tier.SSD)))
                 self.metrics.stored(Tier.SSD, len(ok))
                 self.metrics.moved("cpu_to_ssd", len(ok) * self.layout.slot_bytes, time.perf_counter() - started)
             if bad:
@@ -542,7 +568,9 @@ class TieredCache:
                         other._failed.add(b.hash)
             if good:
                 self.index.finish_fill(Tier.CPU, good)
-                self._cpu_differs.difference_update(good)  # staged: the SSD bytes, verified
+                for b in missing:  # staged: the SSD bytes, verified against this checksum
+                    if b.hash not in bad_set:
+                        self._remember(b.hash, self._ssd_checksum(b.hash, b.slot_in(Tier.SSD)))
                 self.metrics.moved("ssd_to_cpu", len(good) * self.layout.slot_bytes, time.perf_counter() - started)
             if bad:
                 # A failed read or checksum mismatch: that SSD copy is gone for good (Removed), and the
@@ -586,6 +614,7 @@ class TieredCache:
                     plan._pinned.append(h)
                     plan._scratch.remove(slot)
                     kept.append(h)
+                    self._remember(h, blk.checksum)
             if kept:
                 self.index.finish_fill(Tier.CPU, kept)
                 self._write_back([self.index.get(h) for h in kept])
@@ -637,6 +666,10 @@ class TieredCache:
             self.index.finish_fill(Tier.SSD, [r.block_hash for r in order])
         if order:
             log.info("warm restart: %d blocks found on SSD", len(order))
+
+    def _remember(self, h: int, checksum: int | None) -> None:
+        if checksum is not None:
+            self._cpu_sums[h] = checksum
 
     def _publish_usage(self) -> None:
         for tier in (Tier.CPU, Tier.SSD):

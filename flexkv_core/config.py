@@ -310,6 +310,7 @@ class FlexKVConfig:
     dist_snapshot_interval_s: float = _key(1.0, _number(float, 0, lo_open=True, unit="seconds"))
     dist_service_port: int = _key(0, _number(int, 0, hi=65535, unit="tcp port peers call; 0: any free"))
     dist_timeout_s: float = _key(5.0, _number(float, 0, lo_open=True, unit="seconds per remote call"))
+    dist_verify: bool = _key(True, _boolean())
 
     def __post_init__(self) -> None:
         given = {spec.field: _Given(getattr(self, spec.field), f"argument {spec.field}", False)

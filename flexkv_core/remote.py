@@ -19,6 +19,7 @@ class RemoteBlock:
 
     parent_hash: int | None
     token_ids: bytes  # uint32 little-endian, block_size tokens
+    checksum: int | None = None  # xxh3_64 of the slot bytes, when the fetch verified them
 
 
 class RemoteSource(Protocol):

@@ -341,7 +341,7 @@ class SameProcessPeer:
             src = self.peer.pool.slot(slot)
             buf[:] = src if i != self.fail_at else bytes(len(src))
             ok = xxhash.xxh3_64_intdigest(buf) == grant["checksums"][i]
-            out.append(RemoteBlock(grant["parents"][i], grant["tokens"][i]) if ok else None)
+            out.append(RemoteBlock(grant["parents"][i], grant["tokens"][i], grant["checksums"][i]) if ok else None)
         out += [None] * (len(block_hashes) - len(out))
         self.peer.release_export(grant["job"])
         fut = Future()
@@ -478,3 +478,57 @@ def test_export_checksums_vouch_for_the_cpu_bytes_actually_lent(tmp_path):
         b.remote = SameProcessPeer(a)
         assert load(b, eb, hashes, [5, 6, 7]) == 3
         assert_blocks(eb, range(5, 5 + 3), want)
+
+
+def slot_sums(cache: TieredCache, hashes: list[int]) -> list[int]:
+    """xxh3 of the CPU slot bytes each block holds now (what a peer reading them would hash)."""
+    import xxhash
+
+    return [xxhash.xxh3_64_intdigest(cache.pool.slot(cache.index.get(h).slot_in(Tier.CPU))) for h in hashes]
+
+
+def lend(cache: TieredCache, hashes: list[int], **kw) -> list:
+    grant = cache.export(hashes, **kw)
+    cache.release_export(grant["job"])
+    return grant["checksums"]
+
+
+def test_remembered_checksums_are_forgotten_with_the_cpu_copy(tmp_path):
+    """Checksums are computed once per CPU copy (ahead of time or by the first export) and reused; a copy
+    evicted and stored again from the engine with other bytes gets a new one."""
+    with make_cache(tmp_path) as cache:
+        engine = Engine(cache, seed=3)
+        tokens = tokens_for(40, 4)
+        hashes = store(cache, engine, tokens, [0, 1, 2, 3])
+        assert cache.remember_checksums(hashes[:2]) == 2
+        assert cache.remember_checksums(hashes) == 2  # only the two it did not know
+        assert cache.remember_checksums(hashes) == 0
+        assert lend(cache, hashes) == slot_sums(cache, hashes)
+        assert lend(cache, hashes, checksums=False) == [None] * 4
+        cache.evict_all(Tier.CPU)
+        for plane in engine.planes:
+            plane[0:4] += 1
+        store(cache, engine, tokens, [0, 1, 2, 3])
+        assert lend(cache, hashes) == slot_sums(cache, hashes)  # the new bytes' checksums
+        assert cache.remember_checksums(hashes) == 0  # that export remembered them
+        assert_quiescent(cache)
+
+
+def test_checksums_come_free_with_ssd_writes_and_verified_fetches(tmp_path):
+    """The SSD write-back hashes the CPU bytes it writes and a verified fetch knows what it verified: neither
+    is hashed again before lending, and what is lent matches the bytes."""
+    with make_cache(tmp_path / "a", ssd_blocks=32) as a, make_cache(tmp_path / "b") as b:
+        ea, eb = Engine(a, seed=4), Engine(b, seed=5)
+        hashes = store(a, ea, tokens_for(41, 3), [0, 1, 2])
+        assert a.flush(timeout=10)
+        assert a.remember_checksums(hashes) == 0
+        assert lend(a, hashes) == slot_sums(a, hashes)
+        b.remote = SameProcessPeer(a)
+        assert load(b, eb, hashes, [5, 6, 7]) == 3
+        assert b.remember_checksums(hashes) == 0
+        assert lend(b, hashes) == slot_sums(b, hashes) == slot_sums(a, hashes)
+        # Staged back from SSD (verified against its record): known as well.
+        a.evict_all(Tier.CPU)
+        assert load(a, ea, hashes, [8, 9, 10]) == 3
+        assert a.remember_checksums(hashes) == 0
+        assert lend(a, hashes) == slot_sums(a, hashes)

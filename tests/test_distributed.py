@@ -196,6 +196,8 @@ def test_a_prefix_stored_on_one_node_loads_byte_identical_on_another_and_dies_wi
     a, b = cluster.nodes("a b", redis_server.port)
     stored = a.call("store", prompt=1, n_blocks=6)
     hashes = stored["hashes"]
+    # A checksums what it stored in the background, so lending it later costs no hashing.
+    wait_for(lambda: a.call("describe")["stats"]["checksummed_ahead"] == 6, 5, "A to checksum its blocks")
 
     # Visible to B within the snapshot interval (plus A's publishing tick).
     t0 = time.monotonic()
@@ -231,6 +233,23 @@ def test_a_prefix_stored_on_one_node_loads_byte_identical_on_another_and_dies_wi
     assert b.call("lookup", hashes=other)["total"] == 0
     # B still serves what it kept.
     assert b.call("load", hashes=hashes)["digests"] == stored["digests"]
+
+
+@pytest.mark.slow
+def test_a_node_that_does_not_verify_checksums_still_gets_and_lends_the_exact_bytes(cluster):
+    redis_server = cluster.redis().start()
+    (a,) = cluster.nodes("a", redis_server.port, dist_verify=False)
+    (b,) = cluster.nodes("b", redis_server.port)
+    from_a = a.call("store", prompt=3, n_blocks=5)
+    from_b = b.call("store", prompt=4, n_blocks=4)
+    wait_for(lambda: b.call("lookup", hashes=from_a["hashes"])["remote"] == 5, 2 + SNAPSHOT_S, "B to see A's")
+    wait_for(lambda: a.call("lookup", hashes=from_b["hashes"])["remote"] == 4, 2 + SNAPSHOT_S, "A to see B's")
+    assert b.call("load", hashes=from_a["hashes"])["digests"] == from_a["digests"]  # B verified A's sums
+    assert a.call("load", hashes=from_b["hashes"])["digests"] == from_b["digests"]  # A checked nothing
+    a_stats, b_stats = a.call("describe")["stats"], b.call("describe")["stats"]
+    assert a_stats["fetched_blocks"] == 4 and b_stats["fetched_blocks"] == 5
+    assert a_stats["checksummed_ahead"] == 0  # no one-pass hashing on a node that does not verify
+    assert b_stats["checksum_mismatches"] == 0
 
 
 @pytest.mark.slow
@@ -303,6 +322,25 @@ def test_nodes_work_without_redis_and_resynchronise_when_it_returns(cluster):
     wait_for(lambda: a.call("lookup", hashes=mine["hashes"])["remote"] == 2, 8, "A to see B's prompt")
     assert b.call("load", hashes=second["hashes"])["digests"] == second["digests"]
     assert a.call("describe")["stats"]["resyncs"] >= 2
+
+
+def test_a_read_from_a_peer_that_is_gone_fails_at_once(tmp_path):
+    """The transfer engine's own wait never sleeps; ours polls, and must still report a refused peer fast
+    (its failed submission falls back to the engine's sync call, which fails at once too)."""
+    import numpy as np
+
+    from flexkv_core.distributed.transfer import EngineSettings, MooncakeTransport
+
+    engine = MooncakeTransport(EngineSettings(host="127.0.0.1", timeout_s=2))
+    buf = np.zeros(1 << 20, dtype=np.uint8)
+    engine.register(buf.ctypes.data, buf.nbytes)
+    try:
+        t0 = time.monotonic()
+        assert not engine.read(f"127.0.0.1:{free_port()}", [buf.ctypes.data, buf.ctypes.data + 8192],
+                               [0x10000, 0x30000], [4096, 4096])
+        assert time.monotonic() - t0 < 1
+    finally:
+        engine.close()
 
 
 def test_a_wrong_redis_password_fails_at_start_naming_the_key(tmp_path):

@@ -10,6 +10,10 @@ It does three jobs for its `TieredCache`:
   (`snapshot`) and fetches remote blocks: ask the holder to export them (pinned for a lease, with xxh3
   checksums), read its slots into ours over the transfer engine, verify, release.
 
+Checksums (``dist_verify``, on by default) cost one pass over the bytes on each side. The lender's pass
+is taken off the fetch path: a background thread hashes blocks soon after they are stored in CPU (SSD
+writes and verified reads and fetches already know theirs), so an export usually only looks them up.
+
 Failure model: Redis is optional at run time. Down at start: a warning, local only, retried in the
 background; lost later: the snapshot is kept until it is a lease old (then dropped), and when Redis is
 back the node republishes everything it holds. A wrong password is a start-up error. Every fetch ends
@@ -88,7 +92,7 @@ class _Grant:
     slots: list[int]
     parents: list[int | None]
     tokens: list[bytes]
-    checksums: list[int]
+    checksums: list[int | None]  # None: not asked for (dist_verify off)
     deadline: float  # monotonic time its pin may end
     began: float = 0.0  # when its transfer started
 
@@ -109,6 +113,7 @@ class NodeStats:
     publishes: int = 0
     resyncs: int = 0  # full republications (start, Redis back, lease lost)
     fetched_bytes: int = 0
+    checksummed_ahead: int = 0  # stored blocks hashed in the background, before any peer asked
 
 
 def start_distributed(cache: TieredCache, config: FlexKVConfig) -> DistributedNode | None:
@@ -142,6 +147,8 @@ class DistributedNode:
         self._subscribed = False
         self._dirty: set[int] = set()  # blocks whose membership changed since the last publish
         self._events: collections.deque[CacheEvent] = collections.deque()
+        self.verify = config.dist_verify
+        self._unhashed: collections.deque[int] = collections.deque()  # CPU blocks to checksum ahead
         self._clients: dict[tuple[str, str], CacheClient] = {}
         self._clients_lock = threading.Lock()
         self._rate = 100e6  # bytes/s assumed for a transfer until we measured one (conservative)
@@ -149,6 +156,7 @@ class DistributedNode:
         self._releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexkv-release")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._hasher: threading.Thread | None = None
         self._auth_warned = False
         self._closed = False
 
@@ -195,6 +203,10 @@ class DistributedNode:
         self._held = _subscribe(self.cache, self._on_event)
         self._subscribed = True
         self._dirty.clear()
+        if self.verify:
+            self._unhashed.extend(h for h, bits in self._held.items() if bits & _TIER_BIT[Tier.CPU])
+            self._hasher = threading.Thread(target=self._hash_loop, name=f"flexkv-checksums {node_id}", daemon=True)
+            self._hasher.start()
         if self.connected:
             try:
                 self._resync()
@@ -218,8 +230,9 @@ class DistributedNode:
         if self._subscribed:
             self.cache.unsubscribe(self._on_event)
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.timeout_s + 5)
+        for thread in (self._thread, self._hasher):
+            if thread is not None:
+                thread.join(timeout=self.timeout_s + 5)
         self._fetcher.shutdown(wait=True)
         self._releaser.shutdown(wait=True)
         if self.connected and self.info is not None:
@@ -304,8 +317,8 @@ class DistributedNode:
         """The leading blocks of ``hashes`` that arrived intact from ``peer`` into ``buffers``.
 
         Pieces of about `_PIECE_BYTES` go through a two-stage pipeline: while the engine process moves
-        piece k, this thread asks the peer to export piece k+1 (the peer pins and checksums it), then
-        verifies piece k. Nothing returns while a read into ``buffers`` is still in flight.
+        piece k, this thread asks the peer to export piece k+1 (the peer pins it and finds its checksums),
+        then verifies piece k. Nothing returns while a read into ``buffers`` is still in flight.
         """
         assert self.transport is not None and self.snapshot is not None
         client = self._client(peer.service)
@@ -379,7 +392,7 @@ class DistributedNode:
         try:
             # Half our timeout for its SSD staging, so its answer (even "nothing") beats our timeout.
             grant = client.call("export", block_hashes=hashes[start:stop], lease_s=self.lease_s,
-                                timeout_s=self.timeout_s / 2)
+                                timeout_s=self.timeout_s / 2, checksums=self.verify)
         except (ServiceUnavailable, ServiceError) as exc:
             log.warning("peer %s did not export %d blocks: %s", peer.node_id, stop - start, exc)
             self.snapshot.suspect(peer.node_id, self.lease_s)
@@ -415,7 +428,8 @@ class DistributedNode:
 
     def _verify(self, peer: NodeInfo, g: _Grant, hashes: list[int], buffers: Sequence[memoryview]
                 ) -> list[RemoteBlock]:
-        """The leading blocks of piece ``g`` whose bytes match the peer's checksums, read within the lease."""
+        """The leading blocks of piece ``g`` whose bytes match the peer's checksums (when we verify), read
+        within the lease."""
         if time.monotonic() > g.deadline:
             # Arrived, but partly after the pin ended: trust nothing read past the lease.
             log.warning("peer %s: transfer outlived the %gs lease; discarding it", peer.node_id, self.lease_s)
@@ -425,13 +439,13 @@ class DistributedNode:
         good = []
         for k, slot_sum in enumerate(g.checksums):
             i = g.start + k
-            if xxhash.xxh3_64_intdigest(buffers[i][:self.slot_bytes]) != slot_sum:
+            if slot_sum is not None and xxhash.xxh3_64_intdigest(buffers[i][:self.slot_bytes]) != slot_sum:
                 log.warning("peer %s: block %d arrived with a wrong checksum; a miss from there on",
                             peer.node_id, hashes[i])
                 with self._stats_lock:
                     self.stats.checksum_mismatches += 1
                 break
-            good.append(RemoteBlock(parent_hash=g.parents[k], token_ids=g.tokens[k]))
+            good.append(RemoteBlock(parent_hash=g.parents[k], token_ids=g.tokens[k], checksum=slot_sum))
         return good
 
     # ---- publishing (background thread) --------------------------------------------------------------
@@ -440,6 +454,20 @@ class DistributedNode:
         # Called under the cache's lock: queue only.
         if not self._closed:
             self._events.append(event)
+            if self.verify and isinstance(event, BlockStored) and event.tier is Tier.CPU:
+                self._unhashed.extend(event.block_hashes)
+
+    def _hash_loop(self) -> None:
+        """Checksum newly stored CPU blocks ahead of any export (a few at a time: each is pinned meanwhile)."""
+        while not self._stop.wait(0.05):
+            while self._unhashed and not self._stop.is_set():
+                batch = [self._unhashed.popleft() for _ in range(min(32, len(self._unhashed)))]
+                try:
+                    n = self.cache.remember_checksums(batch)
+                    with self._stats_lock:
+                        self.stats.checksummed_ahead += n
+                except Exception:  # noqa: BLE001 - an export computes what this missed
+                    log.exception("checksumming stored blocks failed")
 
     def _drain_events(self) -> None:
         while True:

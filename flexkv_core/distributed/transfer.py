@@ -17,6 +17,13 @@ own slots (one-sided reads: the serving node's Python code is not involved in th
 * But the first transfer to a peer starts with a handshake whose socket read has **no timeout**: a
   peer that freezes (SIGSTOP, a partition) at that moment blocks the call for ever, and every other
   transfer of the engine queues behind it. No setting changes that.
+* ``batch_transfer_sync_read`` (and ``get_batch_transfer_status``) wait by polling the batch's status in
+  a loop that never sleeps: one core spins for the whole transfer. Where the engine's TCP threads need
+  every core (two cores here) that halves throughput: measured 2.6 GiB/s for 256 MiB over loopback,
+  against 4.4-4.8 GiB/s when the same bytes are submitted with ``batch_transfer_async_read`` (one batch
+  per contiguous run) and ``transfer_check_status`` is polled with short sleeps. ``transfer_check_status``
+  looks at a batch's first task only, hence one batch per run. A failed submission falls back to the
+  sync call, which also re-opens a stale segment (a peer restarted on the same port).
 
 Hence the helper process (`EngineProcess`): the engine lives in a child process that maps the same
 shared-memory CPU pool, and the node asks it to copy slots. When a read outlives its deadline the node
@@ -52,11 +59,16 @@ from ..config import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineProcess", "EngineSettings", "MooncakeTransport", "TransferError", "check_metadata", "free_port"]
+__all__ = ["EngineProcess", "EngineSettings", "MooncakeTransport", "StuckTransfer", "TransferError", "check_metadata",
+           "free_port"]
 
 
 class TransferError(RuntimeError):
     """The transfer engine could not start or register memory."""
+
+
+class StuckTransfer(RuntimeError):
+    """A read timed out inside the engine and may still write into its target: stop using this process."""
 
 
 def check_metadata(metadata: str) -> str:
@@ -106,6 +118,11 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+#: How long the reader sleeps between looks at its transfers (Python's sleep adds ~50 us to it).
+_POLL_S = 1e-4
+_NO_BATCH = (0, 2**64 - 1)  # what batch_transfer_async_read returns when it could not submit
 
 
 class MooncakeTransport:
@@ -174,13 +191,44 @@ class MooncakeTransport:
         for a, n in extra:
             self.register(a, n)
         try:
-            rc = self._engine.batch_transfer_sync_read(session, loc, rem, num)
+            ok = self._read_runs(session, loc, rem, num)
         finally:
             for a, _ in extra:
                 self.unregister(a)
-        if rc != 0:
-            log.debug("transfer engine read of %d bytes from %s failed (rc=%d)", sum(num), session, rc)
-        return rc == 0
+        if not ok:
+            log.debug("transfer engine read of %d bytes from %s failed", sum(num), session)
+        return ok
+
+    def _read_runs(self, session: str, local: list[int], remote: list[int], lengths: list[int]) -> bool:
+        """Submit one batch per run, then wait for all of them without spinning (see the module docs).
+        Returns only when no transfer can still write into ``local``."""
+        engine = self._engine
+        batches = []
+        for lo, ro, n in zip(local, remote, lengths):
+            batch = engine.batch_transfer_async_read(session, [lo], [ro], [n])
+            if batch in _NO_BATCH:
+                break
+            batches.append(batch)
+        submitted, ok = len(batches), True
+        while batches:
+            time.sleep(_POLL_S)
+            pending = []
+            for batch in batches:
+                status = engine.transfer_check_status(batch)  # 1 done, 0 running, -1 failed, -2 timed out
+                if status == 0:
+                    pending.append(batch)
+                elif status == -2:
+                    # Its slices may still land later: only the end of this process makes the target
+                    # memory safe to reuse (the helper process exits on this; the node replaces it).
+                    raise StuckTransfer(f"transfer engine timed out a read from {session}")
+                elif status < 0:
+                    ok = False
+            batches = pending
+        if submitted == len(lengths) or not ok:
+            return ok
+        # A submission failed (nothing is in flight now): the sync call re-opens a stale segment (a peer
+        # restarted on the same port) and reads it all again.
+        return engine.batch_transfer_sync_read(session, local, remote, lengths) == 0
 
     def close(self) -> None:
         with self._lock:
@@ -410,8 +458,12 @@ def _worker_main(spec: dict) -> None:
         if any(off < 0 or off + n > limit for off, n in zip(local, request["lengths"])):
             _send(fd_out, {"ok": False})
             continue
-        ok = transport.read(request["session"], [base + off for off in local], request["remote"],
-                            request["lengths"])
+        try:
+            ok = transport.read(request["session"], [base + off for off in local], request["remote"],
+                                request["lengths"])
+        except StuckTransfer as exc:
+            log.error("%s: exiting so that no late bytes can land in the pool", exc)
+            os._exit(3)  # no reply, no clean-up that could wait on the engine: the node starts a fresh one
         _send(fd_out, {"ok": ok})
 
 
