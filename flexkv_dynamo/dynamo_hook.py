@@ -155,16 +155,21 @@ def apply_plan(plan) -> None:
 
 
 def after_dynamo_import(plan) -> None:
-    """What needs Dynamo loaded: log the translation through Dynamo's logging and, for NIXL inside our
-    MultiConnector, set NIXL's side-channel host the way Dynamo does for a plain NixlConnector config
-    (its check does not look inside a MultiConnector)."""
+    """What needs Dynamo loaded: log the translation through Dynamo's logging; make Dynamo's prefix-cache
+    resets clear our tiers too (`flexkv_dynamo.resets`); for NIXL inside our MultiConnector, set NIXL's
+    side-channel host the way Dynamo does for a plain NixlConnector config (its check does not look
+    inside a MultiConnector)."""
     import logging
+
+    from .resets import reset_connector_with_prefix_cache
 
     log = logging.getLogger("flexkv_dynamo.launch_args")
     for line in plan.info:
         log.info("%s", line)
     for line in plan.warnings:
         log.warning("%s", line)
+    if "flexkv" in plan.connectors and not reset_connector_with_prefix_cache():
+        log.warning("vLLM's AsyncLLM not found: Dynamo's weight updates will not clear FlexKV's tiers")
     if "nixl" in plan.connectors and not os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST"):
         try:
             from dynamo.vllm.args import ensure_side_channel_host

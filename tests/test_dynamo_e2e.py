@@ -47,7 +47,7 @@ from support import (
     write_torchvision_shim,
 )
 
-from flexkv_dynamo.launch_args import translate
+from flexkv_dynamo.launch_args import free_port_block, translate
 from flexkv_dynamo.tiny_model import words
 
 # ---- processes -----------------------------------------------------------------------------------------
@@ -160,6 +160,7 @@ class Cluster:
     frontend: Proc
     workers: list[Proc]
     cache_endpoints: list[str]
+    system_ports: list[int]  # each worker's Dynamo system server (health, engine routes)
 
     def complete(self, prompt: str, max_tokens: int = 4) -> dict[str, Any]:
         return http_json(f"{self.url}/v1/completions",
@@ -186,10 +187,11 @@ def cluster(tiny_model_dir):
                                            "--http-host", "127.0.0.1", "--http-port", str(http_port)],
                               env, workdir / "frontend.log")
         procs.append(frontend)
-        workers, endpoints = [], []
+        workers, endpoints, system_ports = [], [], []
         for i in range(2):
             endpoint = f"ipc://{workdir}/flexkv_server_{i}"
-            worker_env = {**env, "FLEXKV_SERVER_RECV_PORT": endpoint}
+            system_ports.append(free_port_block())  # Dynamo wants it below 32768
+            worker_env = {**env, "FLEXKV_SERVER_RECV_PORT": endpoint, "DYN_SYSTEM_PORT": str(system_ports[-1])}
             argv = [str(hook_python), "-m", "dynamo.vllm", "--model", tiny_model_dir, "--connector", "flexkv",
                     *tiny_worker_args(tiny_model_dir, template)]
             workers.append(Proc.start(f"worker {i}", argv, worker_env, workdir / f"worker_{i}.log"))
@@ -197,7 +199,7 @@ def cluster(tiny_model_dir):
         procs += workers
         url = f"http://127.0.0.1:{http_port}"
         model = wait_until_serving(url, procs, workers=2, timeout=540)
-        yield Cluster(url, model, frontend, workers, endpoints)
+        yield Cluster(url, model, frontend, workers, endpoints, system_ports)
     finally:
         stop_all(procs)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -274,6 +276,35 @@ def test_prefix_only_in_one_workers_cpu_tier_is_routed_there_and_served_from_it(
                 if "Selected worker" in line and request_id in line]
     assert decision, f"no routing decision logged for {request_id}:\n{cluster.frontend.tail()}"
     assert f"worker_id={holder_id}" in decision[0] and "host_pinned_blocks=8" in decision[0], decision[0]
+
+
+def tier_blocks(endpoint: str) -> int:
+    from flexkv_core.client import CacheClient
+
+    with CacheClient(endpoint, timeout_s=10) as client:
+        tiers = client.call("status")["tiers"]
+    return sum(t["ready_blocks"] for t in tiers.values())
+
+
+@pytest.mark.engine
+@pytest.mark.dynamo
+@pytest.mark.slow
+def test_dynamos_cache_flush_after_a_weight_update_empties_our_tiers(cluster):
+    """Dynamo's RL ``flush_cache`` (like its weight updates and LoRA hot-swaps) resets vLLM's prefix cache
+    without asking connectors: KV computed before must not come back from our tiers either."""
+    prompt = words(4 * BLOCK_SIZE, start=3000)
+    first = cluster.complete(prompt)
+    time.sleep(0.5)
+    assert sum(tier_blocks(e) for e in cluster.cache_endpoints) >= 4
+    for port in cluster.system_ports:
+        answer = http_json(f"http://127.0.0.1:{port}/engine/flush_cache", {}, timeout=60)
+        assert answer["status"] == "ok", answer
+    assert [tier_blocks(e) for e in cluster.cache_endpoints] == [0, 0], cluster.logs()
+    hits = [cpu_counts(e)[1] for e in cluster.cache_endpoints]
+    again = cluster.complete(prompt)
+    assert [cpu_counts(e)[1] for e in cluster.cache_endpoints] == hits  # recomputed, nothing loaded from us
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
+    assert "also clear FlexKV's tiers" in cluster.workers[0].text()
 
 
 # ---- Dynamo's parser accepts what the hook produces (no engine) -------------------------------------
