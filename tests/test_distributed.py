@@ -343,6 +343,51 @@ def test_a_read_from_a_peer_that_is_gone_fails_at_once(tmp_path):
         engine.close()
 
 
+_PEER = """
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+from flexkv_core.distributed.transfer import EngineSettings, MooncakeTransport
+engine = MooncakeTransport(EngineSettings(host="127.0.0.1"))
+buf = np.random.default_rng(7).integers(0, 256, int(sys.argv[2]), dtype=np.uint8)
+engine.register(buf.ctypes.data, buf.nbytes)
+print(engine.session, buf.ctypes.data, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.slow
+def test_a_read_of_thousands_of_scattered_runs_arrives_whole_and_leaves_the_engine_usable():
+    """The engine's TCP transport fails a batch of 3,072+ runs and every read after it; our reads keep
+    at most _MAX_RUNS_IN_FLIGHT in flight, so 4,096 scattered 16 KiB blocks arrive, byte for byte."""
+    import numpy as np
+
+    from flexkv_core.distributed.transfer import EngineSettings, MooncakeTransport
+
+    run, count = 16 << 10, 4096
+    size = 2 * run * count
+    peer = subprocess.Popen([sys.executable, "-c", _PEER, str(ROOT), str(size)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    engine = MooncakeTransport(EngineSettings(host="127.0.0.1", timeout_s=5))
+    try:
+        session, base = peer.stdout.readline().split()
+        want = np.random.default_rng(7).integers(0, 256, size, dtype=np.uint8)
+        got = np.zeros(size, dtype=np.uint8)
+        engine.register(got.ctypes.data, got.nbytes)
+        every_other = [2 * i * run for i in range(count)]  # no two runs coalesce
+        assert engine.read(session, [got.ctypes.data + o for o in every_other], [int(base) + o for o in every_other],
+                           [run] * count)
+        mask = np.zeros(size, dtype=bool)
+        for o in every_other:
+            mask[o:o + run] = True
+        assert np.array_equal(got[mask], want[mask]) and not got[~mask].any()
+        assert engine.read(session, [got.ctypes.data + run], [int(base)], [run])  # still usable
+        assert np.array_equal(got[run:2 * run], want[:run])
+    finally:
+        engine.close()
+        peer.stdin.close()
+        peer.wait(timeout=30)
+
+
 def test_a_wrong_redis_password_fails_at_start_naming_the_key(tmp_path):
     from flexkv_core.config import ConfigError
     from flexkv_core.distributed import DistributedNode

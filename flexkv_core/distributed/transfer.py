@@ -24,6 +24,9 @@ own slots (one-sided reads: the serving node's Python code is not involved in th
   per contiguous run) and ``transfer_check_status`` is polled with short sleeps. ``transfer_check_status``
   looks at a batch's first task only, hence one batch per run. A failed submission falls back to the
   sync call, which also re-opens a stale segment (a peer restarted on the same port).
+* Too many tasks in flight at once (3,072 runs of 16 KiB in one batch, or as many one-run batches)
+  overflow the TCP transport's lane queue: the read fails, and the engine fails every read after that
+  (a fresh engine works). Reads therefore keep at most `_MAX_RUNS_IN_FLIGHT` runs in flight.
 
 Hence the helper process (`EngineProcess`): the engine lives in a child process that maps the same
 shared-memory CPU pool, and the node asks it to copy slots. When a read outlives its deadline the node
@@ -34,6 +37,7 @@ node down. The cost is one small pipe round trip per read: the bytes go straight
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import json
 import logging
@@ -122,6 +126,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 #: How long the reader sleeps between looks at its transfers (Python's sleep adds ~50 us to it).
 _POLL_S = 1e-4
+#: Runs (tasks) one engine has in flight, at most. Over TCP, 3,072 or more at once overflow the engine's
+#: lane queue ("TCP lane queue-full rejection"): that read fails, and so does every later read of that
+#: engine (2,048 pass).
+_MAX_RUNS_IN_FLIGHT = 1024
 _NO_BATCH = (0, 2**64 - 1)  # what batch_transfer_async_read returns when it could not submit
 
 
@@ -200,35 +208,44 @@ class MooncakeTransport:
         return ok
 
     def _read_runs(self, session: str, local: list[int], remote: list[int], lengths: list[int]) -> bool:
-        """Submit one batch per run, then wait for all of them without spinning (see the module docs).
-        Returns only when no transfer can still write into ``local``."""
+        """Submit one batch per run, at most `_MAX_RUNS_IN_FLIGHT` at a time, and wait for them in order
+        without spinning (see the module docs). Returns only when no transfer can still write into
+        ``local``; False as soon as one run failed (the rest are not submitted)."""
         engine = self._engine
-        batches = []
-        for lo, ro, n in zip(local, remote, lengths):
-            batch = engine.batch_transfer_async_read(session, [lo], [ro], [n])
-            if batch in _NO_BATCH:
+        todo = collections.deque(zip(local, remote, lengths))
+        inflight: collections.deque[int] = collections.deque()
+        ok, submit_failed = True, False
+        while todo or inflight:
+            while todo and ok and not submit_failed and len(inflight) < _MAX_RUNS_IN_FLIGHT:
+                lo, ro, n = todo[0]
+                batch = engine.batch_transfer_async_read(session, [lo], [ro], [n])
+                if batch in _NO_BATCH:
+                    submit_failed = True
+                    break
+                todo.popleft()
+                inflight.append(batch)
+            if not inflight:
                 break
-            batches.append(batch)
-        submitted, ok = len(batches), True
-        while batches:
-            time.sleep(_POLL_S)
-            pending = []
-            for batch in batches:
-                status = engine.transfer_check_status(batch)  # 1 done, 0 running, -1 failed, -2 timed out
-                if status == 0:
-                    pending.append(batch)
-                elif status == -2:
-                    # Its slices may still land later: only the end of this process makes the target
-                    # memory safe to reuse (the helper process exits on this; the node replaces it).
-                    raise StuckTransfer(f"transfer engine timed out a read from {session}")
-                elif status < 0:
-                    ok = False
-            batches = pending
-        if submitted == len(lengths) or not ok:
+            status = engine.transfer_check_status(inflight[0])  # 1 done, 0 running, -1 failed, -2 timed out
+            if status == 0:
+                time.sleep(_POLL_S)
+                continue
+            if status == -2:
+                # Its slices may still land later: only the end of this process makes the target memory
+                # safe to reuse (the helper process exits on this; the node replaces it).
+                raise StuckTransfer(f"transfer engine timed out a read from {session}")
+            ok = ok and status == 1
+            inflight.popleft()  # the binding freed it
+        if not ok or not todo:
             return ok
         # A submission failed (nothing is in flight now): the sync call re-opens a stale segment (a peer
-        # restarted on the same port) and reads it all again.
-        return engine.batch_transfer_sync_read(session, local, remote, lengths) == 0
+        # restarted on the same port) and reads the rest, a bounded batch at a time.
+        rest = list(todo)
+        for k in range(0, len(rest), _MAX_RUNS_IN_FLIGHT):
+            lo, ro, n = (list(x) for x in zip(*rest[k:k + _MAX_RUNS_IN_FLIGHT]))
+            if engine.batch_transfer_sync_read(session, lo, ro, n) != 0:
+                return False
+        return True
 
     def close(self) -> None:
         with self._lock:
