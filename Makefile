@@ -22,6 +22,7 @@ bench: setup
 	$(PY) bench/bench_index.py --blocks 1000000
 	$(PY) bench/bench_cpu_tier.py
 	$(PY) bench/bench_ssd_tier.py
+	$(PY) bench/bench_engine_wait.py
 
 lock:
 	bash scripts/lock.sh
