@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -190,14 +192,40 @@ def test_owner_process_exit_unlinks_its_region():
     assert not os.path.exists(os.path.join(SHM_DIR, name))
 
 
+def test_a_killed_owners_region_is_removed_by_its_reaper():
+    """vLLM kills its engine core at shutdown (and operators kill process groups): the connector never
+    closes its pool, yet the region and its memory must not outlive the owner."""
+    owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time
+        from flexkv_core.tiers.cpu import CpuPool
+        pool = CpuPool.create(64, 4096)
+        pool.prefault()
+        print(pool.name, flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True, start_new_session=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    path = os.path.join(SHM_DIR, owner.stdout.readline().strip())
+    assert os.path.exists(path)
+    os.killpg(owner.pid, signal.SIGKILL)  # the owner's whole process group, as vLLM and `kill -9 -PGID` do
+    owner.wait(10)
+    deadline = time.monotonic() + 10
+    while os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} outlived its owner"
+        time.sleep(0.05)
+
+
 def test_stale_region_of_dead_owner_is_replaced_refused_and_swept():
     name = f"flexkv-test-stale-{os.getpid()}"
-    # The owner dies without any cleanup (like SIGKILL): the file stays, its lock is gone.
+    # The owner dies without any cleanup (like SIGKILL), and so does its reaper (an operator's kill -9 of
+    # everything, the OOM killer): the file stays, its lock is gone.
     die_without_cleanup = f"""
         import os
         from flexkv_core.tiers.cpu import CpuPool
         pool = CpuPool.create(2, 4096, name={name!r})
         pool.array()[1, 0] = 9
+        for pid in map(int, os.popen("pgrep -f -- '-I -S -c'").read().split()):  # its reaper
+            cmd = open(f"/proc/{{pid}}/cmdline").read()
+            if pid != os.getpid() and "import fcntl" in cmd and {name!r} in cmd:
+                os.kill(pid, 9)
         os._exit(0)
     """
     proc = _run_child(die_without_cleanup)

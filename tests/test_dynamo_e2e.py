@@ -77,8 +77,19 @@ class Proc:
     def tail(self, lines: int = 40) -> str:
         return f"--- {self.name} ({self.log}) ---\n" + "\n".join(self.text().splitlines()[-lines:])
 
+    def group_alive(self) -> bool:
+        """Is any process of its group left (vLLM's engine core outlives the worker's main process)?"""
+        try:
+            os.killpg(self.popen.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the process group, SIGKILL after ``timeout``."""
+        """SIGTERM to the process group, SIGKILL after ``timeout``. The group gets the time left after its
+        leader exits: the engine core closes our cache then (a SIGKILL leaves the pool in /dev/shm until
+        the next cache start sweeps it)."""
+        deadline = time.monotonic() + timeout
         if self.alive():
             try:
                 os.killpg(self.popen.pid, signal.SIGTERM)
@@ -88,6 +99,8 @@ class Proc:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
+        while self.group_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
         try:
             os.killpg(self.popen.pid, signal.SIGKILL)  # anything of its group still there
         except ProcessLookupError:
@@ -131,7 +144,7 @@ def stop_all(procs: Sequence[Proc], timeout: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             pass
     for proc in procs:
-        proc.stop(timeout=0)
+        proc.stop(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def wait_until_serving(url: str, procs: Sequence[Proc], workers: int, timeout: float) -> str:

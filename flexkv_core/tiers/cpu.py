@@ -13,7 +13,11 @@ mapped with ``mmap``:
 * the owner holds an exclusive ``flock`` on the file for as long as it lives. The kernel drops the lock
   when the owner dies, however it dies, so a region nobody holds is *stale*: `CpuPool.create` replaces a
   stale region of the same name, `CpuPool.attach` refuses one (its bytes belong to no index any more),
-  and `CpuPool.remove_stale` sweeps those left by crashed owners.
+  and `CpuPool.remove_stale` sweeps those left by crashed owners;
+* a stale region still holds its memory until someone removes it, and owners do die without cleaning up
+  (vLLM kills its engine core at once on shutdown, whose connector never closes the pool). So each owner
+  starts a small *reaper* process in a session of its own, which waits for the owner's lock and removes
+  the region when it gets it (`_REAPER`): memory comes back however the owner ended.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import mmap
 import os
 import re
 import secrets
+import subprocess
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -54,6 +60,40 @@ def _path(name: str) -> str:
         raise ValueError(f"CPU pool name {name!r} is not a valid name: use 1-200 characters of "
                          "letters, digits, '_', '.', '-' (not starting with '.' or '-')")
     return os.path.join(SHM_DIR, name)
+
+
+# Run as `python -I -S -c _REAPER PATH INODE`: wait for the owner's lock on the region, then remove the
+# region if it is still that file (a normal close has removed it already; nothing else touches the name).
+# It forks and the parent returns at once, so the reaper is no descendant of the owner: vLLM kills its
+# engine core's whole process tree at shutdown, and a child would die with it.
+_REAPER = """
+import fcntl, os, sys
+if os.fork():
+    os._exit(0)
+path, inode = sys.argv[1], int(sys.argv[2])
+try:
+    fd = os.open(path, os.O_RDONLY)
+except FileNotFoundError:
+    sys.exit()
+if os.fstat(fd).st_ino == inode:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+"""
+
+
+def _start_reaper(path: str, fd: int) -> None:
+    try:
+        # A session of its own: not in the owner's process group either (kill -9 -PGID).
+        subprocess.run([sys.executable, "-I", "-S", "-c", _REAPER, path, str(os.fstat(fd).st_ino)],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       start_new_session=True, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("no reaper for CPU pool %s (%s): if this process is killed, the next cache start "
+                    "removes the region", path, exc)
 
 
 def _check_geometry(num_slots: int, slot_bytes: int) -> None:
@@ -205,6 +245,7 @@ class CpuPool:
             os.unlink(tmp)
         log.info("created CPU pool %s: %d slots of %d B (%.2f GiB)", path, num_slots, slot_bytes,
                  nbytes / 2**30)
+        _start_reaper(path, fd)
         return cls(name, num_slots, slot_bytes, _Mapping(mm=mm, lock_fd=fd, path=path, pid=os.getpid()))
 
     @classmethod
