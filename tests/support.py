@@ -4,7 +4,7 @@
 * `make_hook_venv`: a throwaway virtualenv layered on ours with the Dynamo start-up hook installed, as
   scripts/setup.sh installs it.
 * For tests that start real ``dynamo.vllm`` workers: `write_torchvision_shim`, `base_env`,
-  `tiny_worker_args`, `http_json`, `CHAT_TEMPLATE`.
+  `tiny_worker_args`, `http_json`, `group_alive`, `CHAT_TEMPLATE`.
 
 Standard library only at import time: tests/test_distributed.py imports this module when it runs as a
 node process too.
@@ -174,6 +174,15 @@ def tiny_worker_args(model_dir: str, template: Path) -> list[str]:
     return ["--block-size", str(BLOCK_SIZE), "--max-model-len", "1024", "--num-gpu-blocks-override", str(GPU_BLOCKS),
             "--enforce-eager", "--dtype", "float32", "--distributed-executor-backend", "uni",
             "--custom-jinja-template", str(template)]
+
+
+def group_alive(pgid: int) -> bool:
+    """Is any process of process group ``pgid`` left (vLLM's engine core outlives a worker's main process)?"""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def http_json(url: str, body: Any = None, timeout: float = 120.0) -> Any:

@@ -32,6 +32,7 @@ from support import (
     CHAT_TEMPLATE,
     base_env,
     free_port,
+    group_alive,
     http_json,
     make_hook_venv,
     tiny_worker_args,
@@ -51,14 +52,6 @@ def run_script(*args: str, env: dict[str, str] | None = None, timeout: float = 6
 
 def started_pids(log_text: str) -> list[int]:
     return [int(p) for p in re.findall(r"started .*? \(pid (\d+)\)", log_text)]
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def processes_mentioning(text: str) -> list[str]:

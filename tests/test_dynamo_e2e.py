@@ -41,6 +41,7 @@ from support import (
     GPU_BLOCKS,
     base_env,
     free_port,
+    group_alive,
     http_json,
     make_hook_venv,
     tiny_worker_args,
@@ -77,14 +78,6 @@ class Proc:
     def tail(self, lines: int = 40) -> str:
         return f"--- {self.name} ({self.log}) ---\n" + "\n".join(self.text().splitlines()[-lines:])
 
-    def group_alive(self) -> bool:
-        """Is any process of its group left (vLLM's engine core outlives the worker's main process)?"""
-        try:
-            os.killpg(self.popen.pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM to the process group, SIGKILL after ``timeout``. The group gets the time left after its
         leader exits: the engine core closes our cache then (a SIGKILL leaves the pool in /dev/shm until
@@ -99,7 +92,7 @@ class Proc:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
-        while self.group_alive() and time.monotonic() < deadline:
+        while group_alive(self.popen.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         try:
             os.killpg(self.popen.pid, signal.SIGKILL)  # anything of its group still there
