@@ -85,6 +85,7 @@ class TieredCache:
                              f"({identity.describe()}); allowed: at least {slot_bytes / 2**30:.6f}")
         self.metrics = metrics or make_metrics(config, instance=pool_name or config.server_recv_port)
         self._lock = threading.RLock()
+        self._io_done = threading.Condition(self._lock)  # notified when a write-back's completion is applied
         self.events = EventLog()
         # Engines killed with SIGKILL leave their pools in /dev/shm; sweep those of dead owners first.
         CpuPool.remove_stale()
@@ -278,11 +279,18 @@ class TieredCache:
     # ---- maintenance -----------------------------------------------------------------------------
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait for background SSD write-back. True if everything finished in time."""
+        """Wait for background SSD write-back, completions applied (indexed, CPU copies unpinned). True if
+        everything finished in time."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             pending = list(self._io)
         done, not_done = wait_futures(pending, timeout=timeout)
-        return not not_done
+        if not_done:
+            return False
+        # A future is done before its completion callback (`_written`) has run: wait for that too.
+        with self._io_done:
+            return self._io_done.wait_for(lambda: self._io.isdisjoint(pending),
+                                          None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def evict_all(self, tier: Tier) -> int:
         """Drop every unpinned READY copy in ``tier`` (operators, tests). Returns how many."""
@@ -536,6 +544,7 @@ class TieredCache:
         results = _results(fut, len(hashes))
         with self._lock:
             self._io.discard(fut)
+            self._io_done.notify_all()  # flush() sees it once this block has released the lock
             ok = [h for h, good in zip(hashes, results) if good]
             bad = [h for h, good in zip(hashes, results) if not good]
             if ok:
