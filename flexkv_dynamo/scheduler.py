@@ -189,7 +189,15 @@ class FlexKVScheduler:
         events_config = getattr(vllm_config, "kv_events_config", None)
         if self._events_enabled and events_config is not None and events_config.enable_kv_cache_events:
             check_int_block_hashes()  # bytes hashes: neither vLLM's nor our events would reach the router
-        self.cache = TieredCache(config, self.identity)
+        # Claim the service endpoint before allocating anything (CPU pool, SSD files): a worker given another
+        # live worker's FLEXKV_SERVER_RECV_PORT must fail without touching /dev/shm or the disk.
+        self.service = self._claim_service() if start_service else None
+        try:
+            self.cache = TieredCache(config, self.identity)
+        except BaseException:
+            if self.service is not None:
+                self.service.stop()
+            raise
         self.pool_info = PoolInfo(self.cache.pool_name, self.cache.pool.num_slots, layout.slot_bytes, layout)
         self._requests: dict[str, _Request] = {}
         self._waiting_loads: dict[str, _Load] = {}  # req id -> load not yet sent (staging or cancelled)
@@ -198,19 +206,20 @@ class FlexKVScheduler:
         self._stats = FlexKVConnectorStats()
         self._kv_cache_manager: KVCacheManager | None = None
         self._seen_hash_map: int | None = None  # id() of vLLM's prefix-cache map (see take_events)
-        self.service = None
         self.node = None  # distributed reuse (FLEXKV_ENABLE_DISTRIBUTED)
         try:
             if config.enable_distributed:
                 from flexkv_core.distributed import start_distributed
 
                 self.node = start_distributed(self.cache, config)
-            if start_service:
-                self.service = self._start_service()
+            if self.service is not None:
+                self.service.handlers.update(self._service_handlers())
         except BaseException:
             if self.node is not None:
                 self.node.close()
             self.cache.close()
+            if self.service is not None:
+                self.service.stop()
             raise
         with _LIVE_LOCK:
             _LIVE[self.cache.pool_name] = self
@@ -219,13 +228,12 @@ class FlexKVScheduler:
 
     # ---- the service (attach, status) ----------------------------------------------------------------
 
-    def _start_service(self):
+    def _claim_service(self):
+        """Bind FLEXKV_SERVER_RECV_PORT (or fail naming its holder); it answers only ``whoami`` until
+        `_service_handlers` are added once the cache exists."""
         from flexkv_core.service import CacheService
 
-        handlers = self.cache.service_handlers()
-        if self.node is not None:
-            handlers["distributed"] = self.node.describe
-        service = CacheService(self.config.server_recv_port, handlers, share=self.config.share_server,
+        service = CacheService(self.config.server_recv_port, {}, share=self.config.share_server,
                                name="vllm-flexkv-connector")
         service.start()
         if service.attached_to is not None:
@@ -235,6 +243,12 @@ class FlexKVScheduler:
                 f"{service.attached_to}); the vLLM connector cannot share another process's cache yet: give "
                 "this engine its own port")
         return service
+
+    def _service_handlers(self) -> dict:
+        handlers = self.cache.service_handlers()
+        if self.node is not None:
+            handlers["distributed"] = self.node.describe
+        return handlers
 
     def bind_kv_cache_manager(self, manager: KVCacheManager) -> None:
         self._kv_cache_manager = manager

@@ -344,6 +344,8 @@ def hook_env(tmp_path_factory) -> dict[str, str]:
                                                               "FLEXKV_KV_EVENTS_PORT", "DYNAMO_USE_FLEXKV")}
     site_dir = str(next(py.parent.parent.glob("lib/python*/site-packages")))
     env.update(PYTHONPATH=str(fake), HOOK_PYTHON=str(py), HOOK_SITE=site_dir)
+    # The hook checks the cache's endpoint before Dynamo starts: never the machine-wide default one.
+    env.update(FLEXKV_SERVER_RECV_PORT=f"ipc://{root}/svc.sock", FLEXKV_CPU_CACHE_GB="0.01")
     return env
 
 
