@@ -97,7 +97,8 @@ def test_scripts_parse(script):
 def test_help_lists_the_router_weights_and_worker_options(script):
     out = run_script(str(DEPLOY / script), "--help")
     assert out.returncode == 0, out.stderr
-    for flag in ("--router-host-cache-hit-weight", "--router-disk-cache-hit-weight", "--workers", "--model"):
+    for flag in ("--router-host-cache-hit-weight", "--router-disk-cache-hit-weight", "--workers", "--model",
+                 "--migration-limit", "--http-host"):
         assert flag in out.stdout
 
 
@@ -106,6 +107,8 @@ def test_help_lists_the_router_weights_and_worker_options(script):
     (["single_node.sh", "--model", "m", "--workers", "two"], "--workers must be a positive integer, not 'two'"),
     (["single_node.sh", "--model", "m", "--bogus"], "unknown option '--bogus'"),
     (["single_node.sh", "--model", "m", "--system-base-port", "32767", "--workers", "2"], "below 32768"),
+    (["single_node.sh", "--model", "m", "--python", sys.executable, "--migration-limit", "many"],
+     "--migration-limit must be a number >= 0, not 'many'"),
     (["multi_node.sh", "everything"], "unknown role 'everything'"),
     (["multi_node.sh", "workers", "--model", "m", "--python", "/nonexistent/python"], "'/nonexistent/python' not found"),
 ])
@@ -113,6 +116,29 @@ def test_bad_options_are_refused_by_name(args, message):
     out = run_script(str(DEPLOY / args[0]), *args[1:])
     assert out.returncode != 0
     assert message in out.stderr
+
+
+def failure_cause(log_text: str, tmp_path: Path) -> str:
+    log = tmp_path / "worker.log"
+    log.write_text(log_text)
+    out = run_script("-c", f'source "{DEPLOY / "lib.sh"}"; failure_cause "$1"', "bash", str(log))
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_failure_cause_is_the_engine_cores_exception_not_vllms_summary(tmp_path):
+    """A real worker log (a vLLM engine core that failed to start, captured here): the cause the scripts
+    print is the engine core's exception, not the "Engine core initialization failed" that follows it."""
+    text = (Path(__file__).parent / "data" / "engine_core_failure.log").read_text()
+    assert "RuntimeError: Engine core initialization failed" in text
+    assert failure_cause(text, tmp_path).startswith(
+        "ValueError: To serve at least one request with the model's max seq len (1024)")
+
+
+def test_failure_cause_prefers_the_launchers_own_error_line(tmp_path):
+    line = "dynamo.vllm: error: flexkv config: cpu_cache_gb='lots' from env FLEXKV_CPU_CACHE_GB: not a finite number"
+    text = f"2026-12-06T11:28:19Z  WARN something: ValueError: noise\n{line}\n"
+    assert failure_cause(text, tmp_path) == line
 
 
 # ---- failure path and the multi-node roles, with real etcd + NATS -----------------------------------
@@ -141,7 +167,7 @@ def test_a_dying_worker_stops_everything_started_with_etcd_and_nats(tmp_path):
                      "--launcher", "dynamo", "--workdir", str(work), env=env, timeout=180)
     assert out.returncode == 1, out.stderr
     assert "discovery: etcd" in out.stderr and "event plane: nats" in out.stderr
-    assert re.search(r"worker \d \(pid \d+\) exited; last lines of", out.stderr)
+    assert re.search(r"worker \d \(pid \d+\) exited with status 3\n.*last lines of", out.stderr)
     assert "fake worker ['--model', 'm', '--tensor-parallel-size', '1', '--connector', 'flexkv'" in out.stderr
     for name in ("frontend", "nats", "etcd"):
         assert f"stopping {name}" in out.stderr
@@ -186,6 +212,31 @@ def test_multi_node_infra_and_frontend_roles(tmp_path):
     pids = started_pids(text)
     assert len(pids) == 3 and not [p for p in pids if group_alive(p)]
     assert not processes_mentioning(str(tmp_path))
+
+
+@pytest.mark.dynamo
+@pytest.mark.slow
+def test_single_node_prints_the_failing_workers_cause(tmp_path):
+    """A worker refused for its configuration: the script says why in one line (the worker's own), within
+    seconds of starting it, and stops the frontend it had started."""
+    pytest.importorskip("dynamo.llm")
+    root = Path(short_tmpdir("fxcause"))
+    try:
+        python = make_hook_venv(root)
+        env = base_env(root, write_torchvision_shim(root / "shim"))
+        for key in ("DYN_DISCOVERY_BACKEND", "DYN_FILE_KV", "DYN_EVENT_PLANE"):
+            env.pop(key)
+        env.update(FLEXKV_CPU_CACHE_GB="lots")
+        out = run_script(str(DEPLOY / "single_node.sh"), "--model", "some-model", "--http-port", str(free_port()),
+                         "--ipc-dir", str(root), "--workdir", str(root / "work"), "--python", str(python),
+                         env=env, timeout=300)
+        assert out.returncode == 1, out.stderr
+        assert re.search(r"worker 0 \(pid \d+\) exited with status 2: dynamo\.vllm: error: flexkv config: "
+                         r"cpu_cache_gb='lots' from env FLEXKV_CPU_CACHE_GB: not a finite number", out.stderr), out.stderr
+        assert "stopping frontend" in out.stderr
+        assert not processes_mentioning(str(root))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # ---- single_node.sh for real: two workers on the tiny model -----------------------------------------
