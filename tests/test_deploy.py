@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -416,3 +417,125 @@ def test_frontend_routes_by_kv_with_tier_weights():
     services = {s["metadata"]["name"] for s in by_kind("Service")}
     assert env["ETCD_ENDPOINTS"].split("//")[1].split(":")[0] in services
     assert env["NATS_SERVER"].split("//")[1].split(":")[0] in services
+
+
+# ---- deploy/distributed/start_virtual_nodes.sh -------------------------------------------------------
+
+VIRTUAL_NODES = DEPLOY / "distributed" / "start_virtual_nodes.sh"
+
+
+def virtual_nodes_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("FLEXKV_", "DYN_", "ETCD_", "NATS_"))}
+
+
+def start_redis(password: str) -> tuple[subprocess.Popen, int]:
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("needs redis-server and redis-cli on PATH")
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                             "no", "--requirepass", password], stdout=subprocess.DEVNULL, start_new_session=True)
+    import redis
+
+    client = redis.Redis(port=port, password=password)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
+            time.sleep(0.05)
+    return proc, port
+
+
+@pytest.mark.servers
+@pytest.mark.slow
+def test_virtual_nodes_are_ready_only_when_each_node_sees_the_others(tmp_path):
+    """Node keys left in Redis by an earlier run (leases not yet run out) must not count: "ready" means each
+    node of this run answers and sees every other node of this run as a peer. Arguments after one -- reach
+    the nodes."""
+    import redis
+
+    from flexkv_core.client import CacheClient
+
+    password = "pw-virtual-nodes"
+    server, port = start_redis(password)
+    work = Path(short_tmpdir("fxvn"))
+    out_path = work / "script.out"
+    script = None
+    try:
+        stale = redis.Redis(port=port, password=password)
+        for node in ("earlier-run-a", "earlier-run-b"):  # as many as the nodes asked for: the old count passed
+            stale.hset(f"flexkv:0123abcd:node:{node}", mapping={"addr": "127.0.0.1"})
+            stale.expire(f"flexkv:0123abcd:node:{node}", 600)
+        with open(out_path, "w") as out:
+            script = subprocess.Popen(
+                ["bash", str(VIRTUAL_NODES), "--cache-only", "--nodes", "2", "--external-redis", "--redis-port",
+                 str(port), "--redis-password", password, "--te-base-port", str(free_port_pair()),
+                 "--service-base-port", str(free_port()), "--workdir", str(work), "--python", sys.executable,
+                 "--", "--num-layers", "2", "--block-size", "16", "--num-kv-heads", "2", "--head-dim", "64"],
+                env={**virtual_nodes_env(), "FLEXKV_CPU_CACHE_GB": "0.05"}, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        deadline = time.monotonic() + 300
+        while "ready: 2 virtual node(s)" not in out_path.read_text():
+            assert script.poll() is None, out_path.read_text()
+            assert time.monotonic() < deadline, out_path.read_text()
+            time.sleep(0.2)
+        views = []
+        for i in range(2):
+            with CacheClient(f"ipc://{work}/node_{i}/ipc/flexkv_server", timeout_s=10) as client:
+                views.append(client.call("distributed"))
+        ids = [view["node_id"] for view in views]
+        assert ids[1] in views[0]["peers"] and ids[0] in views[1]["peers"], views
+        pids = started_pids(out_path.read_text())
+        cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode() for pid in pids]
+        assert len(cmdlines) == 2 and all("--num-layers 2 --block-size 16" in c for c in cmdlines), cmdlines
+        script.send_signal(signal.SIGTERM)
+        assert script.wait(120) == 143, out_path.read_text()
+        assert not [p for p in pids if group_alive(p)]
+    finally:
+        if script is not None:
+            stop_script(script, out_path)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1 free (a transfer engine takes two)."""
+    for _ in range(100):
+        port = free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise AssertionError("no two consecutive free ports")
+
+
+@pytest.mark.dynamo
+@pytest.mark.servers
+@pytest.mark.slow
+def test_virtual_nodes_pass_worker_arguments_after_one_dash(tmp_path):
+    """Engine mode: `start_virtual_nodes.sh --model M -- --max-model-len 512` gives dynamo.vllm those flags
+    (earlier it took them as single_node.sh options and failed with "unknown option"). The worker here is a
+    stand-in that prints its arguments and exits, so the launcher stops with its cause."""
+    password = "pw-virtual-nodes-2"
+    server, port = start_redis(password)
+    work = Path(short_tmpdir("fxvd"))
+    try:
+        env = {**virtual_nodes_env(), "PYTHONPATH": str(_fake_worker_dir(tmp_path)), "FLEXKV_CPU_CACHE_GB": "0.05"}
+        out = run_script(str(VIRTUAL_NODES), "--model", "m", "--nodes", "1", "--external-redis", "--redis-port",
+                         str(port), "--redis-password", password, "--http-base-port", str(free_port()),
+                         "--system-base-port", str(20000 + os.getpid() % 5000 * 2), "--workdir", str(work),
+                         "--python", sys.executable, "--node-arg", "--launcher", "--node-arg", "dynamo",
+                         "--", "--max-model-len", "512", env=env, timeout=300)
+        assert out.returncode == 1, out.stderr
+        log = (work / "node_0" / "logs" / "worker_0.log").read_text()
+        assert re.search(r"fake worker \[.*'--max-model-len', '512'", log), log
+        assert "unknown option" not in out.stderr
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        shutil.rmtree(work, ignore_errors=True)
