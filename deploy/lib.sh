@@ -238,6 +238,7 @@ worker_defaults() {
   TP=1
   GPUS_PER_WORKER=""
   KV_BASE=""
+  METRICS_BASE=""
   SYSTEM_BASE=18081
   IPC_DIR=/tmp
   SSD_ROOT=""
@@ -257,6 +258,8 @@ worker_options_help() {
   --kv-events-base-port B    worker i publishes KV events on tcp://*:B+i, every interface (default: on
                              ipc://<ipc-dir>/kv_events_i, which only this node reaches)
   --system-base-port S       worker i serves /health on S+i (default 18081; must stay below 32768)
+  --metrics-base-port M      worker i serves its cache's flexkv_* metrics on M+i (FLEXKV_METRICS_PORT;
+                             default: not served; vLLM's and Dynamo's are on the system port)
   --ipc-dir D                worker i's cache service is ipc://D/flexkv_server_i (default /tmp)
   --ssd-root D               worker i's SSD directory is D/worker_i (default $WORKDIR/ssd)
   --launcher auto|dynamo|flexkv   `python -m dynamo.vllm --connector flexkv` (needs the hook) or
@@ -275,6 +278,7 @@ parse_worker_option() {
     --tp) TP="${2:-}" ;;
     --gpus-per-worker) GPUS_PER_WORKER="${2:-}" ;;
     --kv-events-base-port) KV_BASE="${2:-}" ;;
+    --metrics-base-port) METRICS_BASE="${2:-}" ;;
     --system-base-port) SYSTEM_BASE="${2:-}" ;;
     --ipc-dir) IPC_DIR="${2:-}" ;;
     --ssd-root) SSD_ROOT="${2:-}" ;;
@@ -331,6 +335,7 @@ start_worker() {  # I
   )
   cfg="$(config_path_for "$i")"
   [ -n "$cfg" ] && worker_env+=("FLEXKV_CONFIG_PATH=$cfg")
+  [ -z "$METRICS_BASE" ] || worker_env+=("FLEXKV_METRICS_PORT=$((METRICS_BASE + i))")
   if [ "$GPUS_PER_WORKER" -gt 0 ]; then
     worker_env+=("CUDA_VISIBLE_DEVICES=$(seq -s, $((i * GPUS_PER_WORKER)) $((i * GPUS_PER_WORKER + GPUS_PER_WORKER - 1)))")
   fi

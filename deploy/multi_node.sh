@@ -136,6 +136,7 @@ case "$ROLE" in
     check_worker_options
     infra_addresses
     export DYN_SYSTEM_HOST="${DYN_SYSTEM_HOST:-$NODE_IP}"  # health probes from other nodes
+    export FLEXKV_NODE_ADDR="${FLEXKV_NODE_ADDR:-$NODE_IP}"  # peers and Prometheus reach the cache here
     start_workers
     wait_for "$WORKERS worker(s) ready" "$READY_TIMEOUT" workers_ready
     log "ready: $WORKERS worker(s) on $NODE_IP; cache status: $PY -m flexkv_core.cli status --endpoint ipc://$IPC_DIR/flexkv_server_0"

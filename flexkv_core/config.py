@@ -320,6 +320,8 @@ class FlexKVConfig:
     ssd_io_threads: int = _key(4, _number(int, 1))
     log_level: str = _key("INFO", _choice(_LOG_LEVELS))
     enable_metrics: bool = _key(True, _boolean())
+    metrics_port: int = _key(0, _number(int, 0, hi=65535, unit="serves the flexkv_* series at "
+                                                             "http://NODE_ADDR:PORT/metrics; 0: not served"))
     instance_num: int = _key(1, _number(int, 1))
     instance_id: int = _key(0, _number(int, 0, unit="and < instance_num"))
     # Distributed reuse across nodes (flexkv_core.distributed; deploy/distributed/README.md).

@@ -4,7 +4,8 @@ model has loaded).
 `preflight` builds the FlexKV configuration exactly as the connector will (``FLEXKV_CONFIG_PATH`` >
 ``FLEXKV_*`` > defaults, with the checks against this machine: memory, /dev/shm, SSD directories and
 their free space), then checks that the cache's service endpoint (``FLEXKV_SERVER_RECV_PORT``) is not
-owned by another live process, by claiming it as the cache will and letting it go. Nothing is allocated:
+owned by another live process, by claiming it as the cache will and letting it go (and that
+``FLEXKV_METRICS_PORT``, when set, is free). Nothing is allocated:
 no CPU pool, no SSD file (the machine check creates missing SSD directories, nothing in them).
 
 The launcher (``python -m flexkv_dynamo.vllm``) and the start-up hook (``python -m dynamo.vllm
@@ -16,6 +17,7 @@ so a port taken between the two is still refused cleanly.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 
 from flexkv_core.config import ConfigError, FlexKVConfig, load_config
@@ -46,8 +48,21 @@ def preflight(env: Mapping[str, str] | None = None) -> FlexKVConfig:
         if "FLEXKV_SERVER_RECV_PORT" not in message:
             message = f"FLEXKV_SERVER_RECV_PORT {cfg.server_recv_port}: {message}"
         raise PreflightError(message) from None
+    if cfg.enable_metrics and cfg.metrics_port:
+        _check_port_free(cfg.node_addr, cfg.metrics_port)
     if sharing_owner is not None:
         raise PreflightError(
             f"FLEXKV_SERVER_RECV_PORT {cfg.server_recv_port} is served by a sharing cache (pid {sharing_owner}); "
             "a vLLM worker cannot share another process's cache yet: give this worker its own port")
     return cfg
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """FLEXKV_METRICS_PORT must be free where the cache will serve it (FLEXKV_NODE_ADDR)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server binds it
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise PreflightError(f"FLEXKV_METRICS_PORT={port}: cannot serve metrics on {host}:{port} "
+                                 f"({exc.strerror}): give each worker its own port") from None

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from flexkv_core.cache import LoadPlan, StorePlan, TieredCache
 from flexkv_core.config import FlexKVConfig, configure_logging
 from flexkv_core.layout import CacheIdentity, KVLayout
+from flexkv_core.metrics import start_metrics_server
 
 from .kv_events import check_int_block_hashes, engine_hash_to_int, tier_events_enabled, to_vllm_events
 from .metadata import FlexKVConnectorMetadata, FlexKVWorkerMetadata, LoadJob, PoolInfo, StoreJob
@@ -192,9 +193,13 @@ class FlexKVScheduler:
         # Claim the service endpoint before allocating anything (CPU pool, SSD files): a worker given another
         # live worker's FLEXKV_SERVER_RECV_PORT must fail without touching /dev/shm or the disk.
         self.service = self._claim_service() if start_service else None
+        self._metrics_server = None
         try:
+            if config.enable_metrics and config.metrics_port:  # flexkv_* live in this process only: serve them
+                self._metrics_server = start_metrics_server(config.metrics_port, addr=config.node_addr)
             self.cache = TieredCache(config, self.identity)
         except BaseException:
+            self._stop_metrics_server()
             if self.service is not None:
                 self.service.stop()
             raise
@@ -218,6 +223,7 @@ class FlexKVScheduler:
             if self.node is not None:
                 self.node.close()
             self.cache.close()
+            self._stop_metrics_server()
             if self.service is not None:
                 self.service.stop()
             raise
@@ -482,7 +488,14 @@ class FlexKVScheduler:
         return {"waiting_loads": len(self._waiting_loads), "loads": len(self._loads),
                 "stores": len(self._stores), "requests": len(self._requests)}
 
+    def _stop_metrics_server(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+
     def shutdown(self) -> None:
+        self._stop_metrics_server()
         with _LIVE_LOCK:
             if _LIVE.get(self.cache.pool_name) is self:
                 del _LIVE[self.cache.pool_name]

@@ -62,7 +62,7 @@ def test_defaults_are_the_documented_ones():
     assert cfg.max_file_size_gb == 32.0 and cfg.max_file_bytes == 32 * GiB
     assert cfg.ssd_io_threads == 4
     assert cfg.log_level == "INFO"
-    assert cfg.enable_metrics is True
+    assert cfg.enable_metrics is True and cfg.metrics_port == 0
     assert (cfg.instance_num, cfg.instance_id) == (1, 0)
     assert set(sources({}).values()) == {"default"}
 
@@ -192,6 +192,7 @@ def test_empty_config_path_means_no_file():
     ("FLEXKV_SERVER_RECV_PORT", "tcp://:5555", "server_recv_port", "tcp://HOST:PORT"),
     ("FLEXKV_SERVER_RECV_PORT", "ipc:///tmp/" + "x" * 120, "server_recv_port", "at most 107 bytes"),
     ("FLEXKV_SSD_CACHE_DIR", "/a;/b;/a", "ssd_cache_dir", "directories"),
+    ("FLEXKV_METRICS_PORT", "70000", "metrics_port", "an integer in [0, 65535]"),
 ])
 def test_bad_env_value_is_named(var, value, key, allowed):
     with pytest.raises(ConfigError) as info:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -22,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -300,6 +302,33 @@ def test_single_node_two_workers_serve_a_request_and_stop_cleanly(tiny_model_dir
                 with urllib.request.urlopen(f"http://127.0.0.1:{system_base}{path}", timeout=10) as resp:
                     assert resp.status == 200, path
 
+            # A worker killed mid-stream under load costs no request: the frontend migrates its streams
+            # (--migration-limit, on by default) and the script restarts the worker.
+            assert "--migration-limit" in out_path.read_text() or any(
+                b"--migration-limit" in c for c in cmdlines.values())
+            victim = pids[2]  # worker 1's process group (its engine core included)
+            with StreamingLoad(f"http://127.0.0.1:{http}", model, clients=3) as load:
+                load.wait_started(6)  # requests in flight on both workers
+                killed_at = time.monotonic()
+                os.killpg(victim, signal.SIGKILL)
+                load.wait_finished_after(killed_at, 12)
+            assert not load.failures, load.failures
+            spanning = [r for r in load.results if r.started < killed_at < r.ended]
+            assert spanning, "no stream was in flight when the worker died"
+            print(f"\nkill -9 of a worker: {len(load.results)} streams, 0 failed; the longest stream across the "
+                  f"kill took {max(r.ended - r.started for r in spanning):.1f}s, the slowest before it "
+                  f"{max((r.ended - r.started for r in load.results if r.ended < killed_at), default=0):.1f}s")
+            deadline = time.monotonic() + 600
+            while "worker 1 ready again" not in out_path.read_text():
+                assert script.poll() is None, out_path.read_text()
+                assert time.monotonic() < deadline, out_path.read_text()
+                time.sleep(1)
+            text = out_path.read_text()
+            assert re.search(r"worker 1 \(pid \d+\) exited with status 137", text), text
+            assert "restarting worker 1" in text
+            pids = started_pids(text)
+            assert len(pids) == 4  # the restarted worker has a new process group
+
             script.send_signal(signal.SIGINT)  # Ctrl-C
             assert script.wait(120) == 130, out_path.read_text()
         finally:
@@ -310,6 +339,92 @@ def test_single_node_two_workers_serve_a_request_and_stop_cleanly(tiny_model_dir
         assert not processes_mentioning(str(root)), processes_mentioning(str(root))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class StreamResult:
+    started: float
+    ended: float
+    tokens: int
+    finish_reason: str | None
+
+
+class StreamingLoad:
+    """``clients`` threads, each sending streaming chat requests one after another until stopped; every
+    request must stream to its end (``finish_reason`` set, all its tokens) or it is a failure."""
+
+    MAX_TOKENS = 48
+
+    def __init__(self, url: str, model: str, clients: int) -> None:
+        self.url, self.model, self.clients = url, model, clients
+        self.results: list[StreamResult] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._client, args=(k,), daemon=True) for k in range(clients)]
+
+    def __enter__(self) -> StreamingLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(300)
+
+    def _one(self, k: int, n: int) -> None:
+        body = {"model": self.model, "messages": [{"role": "user", "content": words(60, start=100 * k + n)}],
+                "max_tokens": self.MAX_TOKENS, "temperature": 0, "stream": True, "ignore_eos": True}
+        req = urllib.request.Request(f"{self.url}/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        started, tokens, finish = time.monotonic(), 0, None
+        try:
+            with urllib.request.urlopen(req, timeout=300) as resp:
+                for raw in resp:
+                    line = raw.decode().strip()
+                    if not line.startswith("data:") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[5:])
+                    if "error" in chunk:
+                        raise RuntimeError(chunk["error"])
+                    for choice in chunk.get("choices", []):
+                        if choice.get("delta", {}).get("content"):
+                            tokens += 1
+                        finish = choice.get("finish_reason") or finish
+        except Exception as exc:  # an HTTP error, a broken stream: what a user would see
+            with self._lock:
+                self.failures.append(f"client {k} request {n}: {exc!r}")
+            return
+        result = StreamResult(started, time.monotonic(), tokens, finish)
+        with self._lock:
+            if finish is None or tokens < self.MAX_TOKENS // 2:
+                self.failures.append(f"client {k} request {n}: stream ended early ({result})")
+            self.results.append(result)
+
+    def _client(self, k: int) -> None:
+        n = 0
+        while not self._stop.is_set():
+            self._one(k, n)
+            n += 1
+
+    def _count(self, predicate) -> int:
+        with self._lock:
+            return sum(1 for r in self.results if predicate(r))
+
+    def wait_started(self, n: int) -> None:
+        """Until ``n`` streams have finished (the engines are warm and taking requests)."""
+        deadline = time.monotonic() + 300
+        while self._count(lambda r: True) < n:
+            assert not self.failures and time.monotonic() < deadline, self.failures
+            time.sleep(0.1)
+
+    def wait_finished_after(self, moment: float, n: int) -> None:
+        """Until ``n`` streams that started after ``moment`` have finished."""
+        deadline = time.monotonic() + 600
+        while self._count(lambda r: r.started > moment) < n:
+            assert time.monotonic() < deadline, (self.failures, len(self.results))
+            time.sleep(0.1)
 
 
 # ---- the Kubernetes example --------------------------------------------------------------------------

@@ -142,6 +142,16 @@ def test_bad_setting_stops_before_anything_loads(venv_python, workdir, launcher,
     assert_stopped_early(out, imported, launcher, message, workdir)
 
 
+def test_metrics_port_in_use_is_refused(venv_python, workdir):
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        out, imported = launch(venv_python, "explicit", workdir, FLEXKV_METRICS_PORT=str(port))
+    assert_stopped_early(out, imported, "explicit", f"FLEXKV_METRICS_PORT={port}: cannot serve metrics on "
+                                                    f"127.0.0.1:{port}", workdir)
+
+
 def test_bad_key_in_the_config_file(venv_python, workdir):
     config = workdir / "flexkv.yaml"
     config.write_text("cpu_cache_gib: 1\n")
