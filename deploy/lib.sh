@@ -122,7 +122,8 @@ check_alive() {
       exit 1
     fi
     # What it left behind (vLLM's engine core holds the cache's endpoint) must go before it starts again.
-    _signal_group KILL "$pid"
+    # Its group id is its pid (setsid), which is gone: signal the group directly.
+    kill -KILL -- "-$pid" 2>/dev/null || true
     deadline=$((SECONDS + 10))
     while kill -0 -- "-$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
     PIDS[i]=""
