@@ -249,6 +249,7 @@ def test_single_node_prints_the_failing_workers_cause(tmp_path):
 @pytest.mark.engine
 @pytest.mark.dynamo
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # three engine starts (two, then a restart) on a shared two-core machine
 def test_single_node_two_workers_serve_a_request_and_stop_cleanly(tiny_model_dir):
     pytest.importorskip("dynamo.llm")
     pytest.importorskip("vllm")
@@ -263,6 +264,7 @@ def test_single_node_two_workers_serve_a_request_and_stop_cleanly(tiny_model_dir
             env.pop(key)
         env.update(FLEXKV_CPU_CACHE_GB="0.125", FLEXKV_SSD_CACHE_GB="0.0625", STOP_TIMEOUT="60")
         http = free_port()
+        metrics_base = free_port_pair()
         system_base = 20000 + (os.getpid() % 5000) * 2  # Dynamo wants system ports below 32768
         out_path = root / "script.out"
         with open(out_path, "w") as out:
@@ -270,11 +272,12 @@ def test_single_node_two_workers_serve_a_request_and_stop_cleanly(tiny_model_dir
                 ["bash", str(DEPLOY / "single_node.sh"), "--model", tiny_model_dir, "--workers", "2",
                  "--http-host", "127.0.0.1", "--http-port", str(http), "--kv-events-base-port", str(free_port()),
                  "--system-base-port", str(system_base), "--ipc-dir", str(root), "--workdir", str(root / "work"),
-                 "--python", str(python), "--ready-timeout", "540", "--router-host-cache-hit-weight", "0.9",
+                 "--python", str(python), "--ready-timeout", "900", "--router-host-cache-hit-weight", "0.9",
+                 "--metrics-base-port", str(metrics_base),
                  "--", *tiny_worker_args(tiny_model_dir, template)],
                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + 600
+            deadline = time.monotonic() + 1000
             while "ready: 2 worker(s)" not in out_path.read_text():
                 assert script.poll() is None, out_path.read_text()
                 assert time.monotonic() < deadline, out_path.read_text()
@@ -297,6 +300,11 @@ def test_single_node_two_workers_serve_a_request_and_stop_cleanly(tiny_model_dir
             assert any(b"--router-host-cache-hit-weight" in c and b"0.9" in c for c in cmdlines.values())
             assert sum(b"dynamo.vllm" in c and b"--connector" in c and b"flexkv" in c
                        for c in cmdlines.values()) == 2
+
+            # Each worker's cache serves its flexkv_* series (Dynamo's /metrics forwards vLLM's only).
+            for i in range(2):
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_base + i}/metrics", timeout=10) as resp:
+                    assert b"flexkv_capacity_slots{" in resp.read()
 
             # The system port answers the probes deploy/k8s/workers.yaml uses.
             for path in ("/health", "/live"):
