@@ -70,6 +70,8 @@ PTH_LINE = ('import sys; exec("try:\\n import flexkv_dynamo.dynamo_hook\\nexcept
 #: we wait for to log through Dynamo's logging.
 TARGET_MODULE = "dynamo.vllm"
 TRIGGER_MODULE = "dynamo.vllm.main"
+#: What Dynamo's main imports and `flexkv_dynamo.resets` patches.
+ASYNC_LLM_MODULE = "vllm.v1.engine.async_llm"
 
 _FALSE = ("0", "false", "no", "off")
 
@@ -200,8 +202,10 @@ def after_dynamo_import(plan) -> None:
         log.info("%s", line)
     for line in plan.warnings:
         log.warning("%s", line)
-    if "flexkv" in plan.connectors and not reset_connector_with_prefix_cache():
-        log.warning("vLLM's AsyncLLM not found: Dynamo's weight updates will not clear FlexKV's tiers")
+    # Dynamo's main module has imported vLLM's AsyncLLM by now; only a stand-in Dynamo (tests) has not, and
+    # importing vLLM here just for it would cost tens of seconds.
+    if "flexkv" in plan.connectors and not (ASYNC_LLM_MODULE in sys.modules and reset_connector_with_prefix_cache()):
+        log.warning("vLLM's AsyncLLM not loaded by Dynamo: Dynamo's weight updates will not clear FlexKV's tiers")
     if "nixl" in plan.connectors and not os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST"):
         try:
             from dynamo.vllm.args import ensure_side_channel_host
