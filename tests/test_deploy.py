@@ -2,8 +2,13 @@
 
 * The scripts parse (``bash -n``), print their help and refuse bad options by name (fast).
 * single_node.sh with two workers on the tiny model, started as users start it: it waits until the
-  frontend serves, answers a chat request, and on Ctrl-C (SIGINT) stops every process it started,
-  their children included (slow: starts two vLLM engines).
+  frontend serves, answers a chat request, serves each cache's metrics; a worker killed with SIGKILL
+  under streaming load costs no request (request migration) and is restarted; on Ctrl-C (SIGINT) it
+  stops every process it started, their children included (slow: starts three vLLM engines).
+* A worker refused for its configuration: the script prints the worker's one-line cause; the cause of a
+  real vLLM engine-core failure (a captured log) is the engine core's exception.
+* start_virtual_nodes.sh: ready only once every node sees the others (stale Redis keys do not count);
+  arguments after one ``--`` reach the workers.
 * The start-up failure path with real etcd + NATS: a worker that dies makes the script stop everything
   and exit 1 with the worker's log; multi_node.sh's infra and frontend roles come up and go down.
 * The Kubernetes manifests: valid YAML, services select pods that exist, every FLEXKV_* setting is
