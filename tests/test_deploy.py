@@ -177,7 +177,9 @@ def test_a_dying_worker_stops_everything_started_with_etcd_and_nats(tmp_path):
     assert out.returncode == 1, out.stderr
     assert "discovery: etcd" in out.stderr and "event plane: nats" in out.stderr
     assert re.search(r"worker \d \(pid \d+\) exited with status 3\n.*last lines of", out.stderr)
-    assert "fake worker ['--model', 'm', '--tensor-parallel-size', '1', '--connector', 'flexkv'" in out.stderr
+    # The workers ran the user's command; the hook translated it before the (stand-in) dynamo.vllm started.
+    assert "fake worker ['--model', 'm', '--tensor-parallel-size', '1', '--kv-events-config'" in out.stderr
+    assert '"kv_connector":"FlexKVConnector"' in out.stderr
     for name in ("frontend", "nats", "etcd"):
         assert f"stopping {name}" in out.stderr
     pids = started_pids(out.stderr)
