@@ -282,7 +282,10 @@ def test_single_node_two_workers_serve_a_request_and_stop_cleanly(tiny_model_dir
                  "--python", str(python), "--ready-timeout", "900", "--router-host-cache-hit-weight", "0.9",
                  "--metrics-base-port", str(metrics_base),
                  "--", *tiny_worker_args(tiny_model_dir, template)],
-                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                # As from a terminal: a pytest started in the background ignores SIGINT, and bash cannot
+                # trap a signal ignored when it starts.
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 1000
             while "ready: 2 worker(s)" not in out_path.read_text():
