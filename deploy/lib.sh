@@ -4,30 +4,41 @@
 # id: stopping it (TERM to the group, KILL after a grace period) also stops what it spawned (vLLM's
 # engine core, TP workers). `stop_all` stops them in the reverse order of start, and is installed as the
 # EXIT/INT/TERM trap by `install_traps`.
+#
+# Until everything is up, a process that dies stops everything (the script exits 1 and prints the cause
+# from its log). Once the scripts call `supervise`, a dead worker is restarted instead (the frontend's
+# request migration moves its streams to the others meanwhile), unless it died within MIN_UPTIME seconds
+# of its start (a crash loop: everything stops).
 
 # --- logging -----------------------------------------------------------------------------------------
 log() { printf '[%s %s] %s\n' "$(date +%H:%M:%S)" "${DEPLOY_NAME:-deploy}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 # --- processes ---------------------------------------------------------------------------------------
-PIDS=()    # started processes, in start order
-NAMES=()   # their names
-LOGS=()    # their log files
+PIDS=()      # started processes, in start order ("" once a dead one was replaced by its restart)
+NAMES=()     # their names
+LOGS=()      # their log files
+RESTARTS=()  # the command that starts each again once `supervise` is on ("" = none: its death is fatal)
+STARTED=()   # $SECONDS when each was started
 STOP_TIMEOUT="${STOP_TIMEOUT:-30}"
+MIN_UPTIME="${MIN_UPTIME:-60}"
 STOPPING=0
+SUPERVISING=0
+RESTART_WITH=""  # set around a start_bg call: how to start that process again
+RESTARTING=0
 
 # start_bg NAME LOGFILE [VAR=VALUE ...] -- CMD ARGS...
-# Starts CMD in a new session with the given extra environment, output to LOGFILE.
+# Starts CMD in a new session with the given extra environment, output appended to LOGFILE.
 start_bg() {
   local name="$1" logfile="$2"; shift 2
   local envs=()
   while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do envs+=("$1"); shift; done
   [ "${1:-}" = "--" ] && shift
-  : >"$logfile"
+  [ "$RESTARTING" = 1 ] || : >"$logfile"  # a restart keeps the log of the run that died
   # `env` applies the per-process variables; setsid makes the process a session and group leader.
   setsid env "${envs[@]}" "$@" >>"$logfile" 2>&1 </dev/null &
   local pid=$!
-  PIDS+=("$pid"); NAMES+=("$name"); LOGS+=("$logfile")
+  PIDS+=("$pid"); NAMES+=("$name"); LOGS+=("$logfile"); RESTARTS+=("$RESTART_WITH"); STARTED+=("$SECONDS")
   log "started $name (pid $pid), log: $logfile"
 }
 
@@ -50,7 +61,7 @@ stop_all() {
   local i pid deadline
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
     pid="${PIDS[$i]}"
-    is_alive "$pid" || continue
+    [ -n "$pid" ] && is_alive "$pid" || continue
     log "stopping ${NAMES[$i]} (pid $pid)"
     _signal_group TERM "$pid"
     deadline=$((SECONDS + STOP_TIMEOUT))
@@ -73,22 +84,65 @@ install_traps() {
   trap 'log "terminated"; exit 143' TERM
 }
 
-# Exit (stopping everything) if any started process has died; print the tail of its log.
+# The line of a log that says why the process failed: our launchers' one-line error, else the exception
+# that killed vLLM's engine core (the last one before vLLM's "Engine core initialization failed", which
+# only points at it), else the last exception in the log.
+failure_cause() {  # LOGFILE
+  awk '
+    /^(dynamo\.vllm|flexkv_dynamo\.vllm): error: / { ours = $0 }
+    match($0, /([A-Za-z_][A-Za-z0-9_]*\.)*[A-Za-z_][A-Za-z0-9_]*(Error|Exception|InUse|Interrupt): .*/) {
+      found = substr($0, RSTART, RLENGTH)
+      if (found ~ /Engine core initialization failed/) { if (root == "") root = last }
+      else last = found
+    }
+    END { if (ours != "") print ours; else if (root != "") print root; else print last }
+  ' "$1" 2>/dev/null
+}
+
+_report_death() {  # INDEX STATUS
+  local i="$1" cause
+  cause="$(failure_cause "${LOGS[$i]}")"
+  log "${NAMES[$i]} (pid ${PIDS[$i]}) exited with status $2${cause:+: $cause}"
+  log "last lines of ${LOGS[$i]}:"
+  tail -n 30 "${LOGS[$i]}" >&2
+}
+
+# After a started process has died: exit (stopping everything), or restart it once `supervise` is on and
+# it has a restart command and had been up for MIN_UPTIME seconds.
 check_alive() {
-  local i
+  local i pid status deadline
   for i in "${!PIDS[@]}"; do
-    if ! is_alive "${PIDS[$i]}"; then
-      log "${NAMES[$i]} (pid ${PIDS[$i]}) exited; last lines of ${LOGS[$i]}:"
-      tail -n 30 "${LOGS[$i]}" >&2
+    pid="${PIDS[$i]}"
+    [ -n "$pid" ] && ! is_alive "$pid" || continue
+    status=0; wait "$pid" 2>/dev/null || status=$?
+    _report_death "$i" "$status"
+    if [ "$SUPERVISING" = 0 ] || [ -z "${RESTARTS[$i]}" ]; then exit 1; fi
+    if [ $((SECONDS - STARTED[i])) -lt "$MIN_UPTIME" ]; then
+      log "${NAMES[$i]} died within ${MIN_UPTIME}s of its start: not restarting it"
       exit 1
     fi
+    # What it left behind (vLLM's engine core holds the cache's endpoint) must go before it starts again.
+    # Its group id is its pid (setsid), which is gone: signal the group directly.
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    deadline=$((SECONDS + 10))
+    while kill -0 -- "-$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+    PIDS[i]=""
+    log "restarting ${NAMES[$i]}"
+    RESTART_WITH="${RESTARTS[$i]}" RESTARTING=1
+    eval "${RESTARTS[$i]}"
+    RESTART_WITH="" RESTARTING=0
   done
 }
 
-# Block until a started process dies (then exit 1) or a signal arrives (then the traps run).
+# From now on a dead worker is restarted instead of stopping everything.
+supervise() { SUPERVISING=1; }
+
+# Block until a signal arrives (then the traps run), or a started process dies and is not restarted
+# (then exit 1; see check_alive).
 monitor() {
   while true; do
     check_alive
+    [ "${#AWAITING[@]}" -eq 0 ] || report_restarted_ready
     sleep 2 &
     wait $! 2>/dev/null || true  # `wait` returns at once when a trapped signal arrives
   done
@@ -184,7 +238,8 @@ worker_defaults() {
   WORKERS="${NUM_WORKERS:-1}"
   TP=1
   GPUS_PER_WORKER=""
-  KV_BASE=20080
+  KV_BASE=""
+  METRICS_BASE=""
   SYSTEM_BASE=18081
   IPC_DIR=/tmp
   SSD_ROOT=""
@@ -201,8 +256,11 @@ worker_options_help() {
   --tp N                     tensor-parallel size per worker (default 1)
   --gpus-per-worker G        GPUs per worker for CUDA_VISIBLE_DEVICES (default: --tp when nvidia-smi
                              lists GPUs, else 0 = leave CUDA_VISIBLE_DEVICES alone)
-  --kv-events-base-port B    worker i publishes KV events on tcp://*:B+i (default 20080)
+  --kv-events-base-port B    worker i publishes KV events on tcp://*:B+i, every interface (default: on
+                             ipc://<ipc-dir>/kv_events_i, which only this node reaches)
   --system-base-port S       worker i serves /health on S+i (default 18081; must stay below 32768)
+  --metrics-base-port M      worker i serves its cache's flexkv_* metrics on M+i (FLEXKV_METRICS_PORT;
+                             default: not served; vLLM's and Dynamo's are on the system port)
   --ipc-dir D                worker i's cache service is ipc://D/flexkv_server_i (default /tmp)
   --ssd-root D               worker i's SSD directory is D/worker_i (default $WORKDIR/ssd)
   --launcher auto|dynamo|flexkv   `python -m dynamo.vllm --connector flexkv` (needs the hook) or
@@ -221,6 +279,7 @@ parse_worker_option() {
     --tp) TP="${2:-}" ;;
     --gpus-per-worker) GPUS_PER_WORKER="${2:-}" ;;
     --kv-events-base-port) KV_BASE="${2:-}" ;;
+    --metrics-base-port) METRICS_BASE="${2:-}" ;;
     --system-base-port) SYSTEM_BASE="${2:-}" ;;
     --ipc-dir) IPC_DIR="${2:-}" ;;
     --ssd-root) SSD_ROOT="${2:-}" ;;
@@ -253,33 +312,68 @@ check_worker_options() {
 # start_workers: WORKERS workers of MODEL, each with its own cache service endpoint, SSD directory,
 # KV-events endpoint and system port; capacities and every other FLEXKV_* come from the environment.
 start_workers() {
-  local module i cfg worker_env
-  module="$(pick_launcher "$LAUNCHER")"
-  [ "$module" = dynamo.vllm ] || log "the dynamo.vllm hook is not installed: starting workers with python -m $module"
+  WORKER_MODULE="$(pick_launcher "$LAUNCHER")"
+  [ "$WORKER_MODULE" = dynamo.vllm ] || log "the dynamo.vllm hook is not installed: starting workers with python -m $WORKER_MODULE"
   export DYNAMO_USE_FLEXKV="${DYNAMO_USE_FLEXKV:-1}"
+  local i
   for ((i = 0; i < WORKERS; i++)); do
-    worker_env=(
-      "FLEXKV_SERVER_RECV_PORT=ipc://$IPC_DIR/flexkv_server_$i"
-      "FLEXKV_SSD_CACHE_DIR=$SSD_ROOT/worker_$i"
-      "DYN_SYSTEM_PORT=$((SYSTEM_BASE + i))"
-    )
-    cfg="$(config_path_for "$i")"
-    [ -n "$cfg" ] && worker_env+=("FLEXKV_CONFIG_PATH=$cfg")
-    if [ "$GPUS_PER_WORKER" -gt 0 ]; then
-      worker_env+=("CUDA_VISIBLE_DEVICES=$(seq -s, $((i * GPUS_PER_WORKER)) $((i * GPUS_PER_WORKER + GPUS_PER_WORKER - 1)))")
-    fi
-    mkdir -p "$SSD_ROOT/worker_$i"
-    start_bg "worker $i" "$LOG_DIR/worker_$i.log" "${worker_env[@]}" -- \
-      "$PY" -m "$module" --model "$MODEL" --tensor-parallel-size "$TP" --connector flexkv \
-      --kv-events-config "$(kv_events_json "tcp://*:$((KV_BASE + i))")" "${EXTRA[@]}"
+    RESTART_WITH="restart_worker $i" start_worker "$i"
   done
+}
+
+# Where worker i publishes KV events for Dynamo's relay (a process of the same worker): an ipc socket by
+# default, which only this node can reach; tcp://*:B+i (every interface) when --kv-events-base-port asks.
+kv_events_endpoint() {  # I
+  if [ -n "$KV_BASE" ]; then printf 'tcp://*:%s' "$(($KV_BASE + $1))"; else printf 'ipc://%s/kv_events_%s' "$IPC_DIR" "$1"; fi
+}
+
+start_worker() {  # I
+  local i="$1" cfg worker_env
+  worker_env=(
+    "FLEXKV_SERVER_RECV_PORT=ipc://$IPC_DIR/flexkv_server_$i"
+    "FLEXKV_SSD_CACHE_DIR=$SSD_ROOT/worker_$i"
+    "DYN_SYSTEM_PORT=$((SYSTEM_BASE + i))"
+  )
+  cfg="$(config_path_for "$i")"
+  [ -n "$cfg" ] && worker_env+=("FLEXKV_CONFIG_PATH=$cfg")
+  [ -z "$METRICS_BASE" ] || worker_env+=("FLEXKV_METRICS_PORT=$((METRICS_BASE + i))")
+  if [ "$GPUS_PER_WORKER" -gt 0 ]; then
+    worker_env+=("CUDA_VISIBLE_DEVICES=$(seq -s, $((i * GPUS_PER_WORKER)) $((i * GPUS_PER_WORKER + GPUS_PER_WORKER - 1)))")
+  fi
+  mkdir -p "$SSD_ROOT/worker_$i"
+  start_bg "worker $i" "$LOG_DIR/worker_$i.log" "${worker_env[@]}" -- \
+    "$PY" -m "$WORKER_MODULE" --model "$MODEL" --tensor-parallel-size "$TP" --connector flexkv \
+    --kv-events-config "$(kv_events_json "$(kv_events_endpoint "$i")")" "${EXTRA[@]}"
+}
+
+AWAITING=()  # workers restarted and not ready yet: "I:START_SECONDS"
+
+restart_worker() {  # I
+  start_worker "$1"
+  AWAITING+=("$1:$SECONDS")
+}
+
+worker_ready() {  # I
+  local host="${DYN_SYSTEM_HOST:-127.0.0.1}"
+  [ "$host" = "0.0.0.0" ] && host=127.0.0.1
+  { http_get "http://$host:$((SYSTEM_BASE + $1))/health" || true; } | grep -q '"status":"ready"'
 }
 
 # All workers of this node answer "ready" on their system port.
 workers_ready() {
-  local i host="${DYN_SYSTEM_HOST:-127.0.0.1}"
-  [ "$host" = "0.0.0.0" ] && host=127.0.0.1
-  for ((i = 0; i < WORKERS; i++)); do
-    { http_get "http://$host:$((SYSTEM_BASE + i))/health" || true; } | grep -q '"status":"ready"' || return 1
+  local i
+  for ((i = 0; i < WORKERS; i++)); do worker_ready "$i" || return 1; done
+}
+
+# Say when a restarted worker serves again (called by `monitor`).
+report_restarted_ready() {
+  local entry left=()
+  for entry in "${AWAITING[@]}"; do
+    if worker_ready "${entry%%:*}"; then
+      log "worker ${entry%%:*} ready again, $((SECONDS - ${entry##*:}))s after its restart"
+    else
+      left+=("$entry")
+    fi
   done
+  AWAITING=("${left[@]}")
 }

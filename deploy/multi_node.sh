@@ -7,10 +7,12 @@
 #
 # (Roles may share a node.) Addresses come from the environment:
 #   NODE_IP        this node's address as the other nodes reach it (default: first of `hostname -I`);
-#                  Dynamo's request/response/event/system servers and etcd/NATS advertise it
+#                  everything this script starts listens on it (not on every interface): etcd, NATS, the
+#                  frontend's HTTP port (--http-host to change), Dynamo's request/response/event/system servers
 #   INFRA_HOST     the infra node's address; ETCD_ENDPOINTS and NATS_SERVER default to
 #                  http://$INFRA_HOST:2379 and nats://$INFRA_HOST:4222 (set them to override)
-# Each role stays in the foreground and stops what it started on Ctrl-C / SIGTERM.
+# Each role stays in the foreground and stops what it started on Ctrl-C / SIGTERM. Once ready, a worker
+# that dies is restarted; the frontend moves its requests to other workers (--migration-limit, default 3).
 # Cross-node KV reuse (FlexKV's distributed tier: Redis, Mooncake) is configured with FLEXKV_* variables
 # or FLEXKV_CONFIG_PATH exactly as on one node; see deploy/README.md.
 set -euo pipefail
@@ -24,8 +26,10 @@ usage() {
 Usage: deploy/multi_node.sh ROLE [options] [-- extra dynamo.vllm arguments]
 
 Roles:
-  infra      etcd (--etcd-port 2379, --etcd-peer-port 2380) and NATS (--nats-port 4222) on this node
-  frontend   the KV-routing frontend (--http-port 8000, --router-host-cache-hit-weight W,
+  infra      etcd (--etcd-port 2379, --etcd-peer-port 2380) and NATS (--nats-port 4222) on this node,
+             listening on $NODE_IP (--listen-host H to change, 0.0.0.0 for every interface)
+  frontend   the KV-routing frontend (--http-host H, default $NODE_IP; --http-port 8000;
+             --migration-limit N, default $DYN_MIGRATION_LIMIT or 3, 0 = off; --router-host-cache-hit-weight W,
              --router-disk-cache-hit-weight W, --frontend-arg ARG ...)
   workers    FlexKV workers on this node (options below)
 
@@ -50,7 +54,10 @@ case "$ROLE" in
 esac
 
 worker_defaults
+HTTP_HOST=""
 HTTP_PORT=8000
+LISTEN_HOST=""
+MIGRATION_LIMIT="${DYN_MIGRATION_LIMIT:-3}"
 FRONTEND_ARGS=()
 ETCD_PORT=2379; ETCD_PEER_PORT=2380
 NATS_PORT=4222
@@ -62,7 +69,10 @@ while [ "$#" -gt 0 ]; do
     if [ "$SHIFT_BY" -gt 0 ]; then shift "$SHIFT_BY"; continue; fi
   fi
   case "$1" in
+    --http-host) HTTP_HOST="$2"; shift 2 ;;
     --http-port) HTTP_PORT="$2"; shift 2 ;;
+    --listen-host) LISTEN_HOST="$2"; shift 2 ;;
+    --migration-limit) MIGRATION_LIMIT="$2"; shift 2 ;;
     --router-host-cache-hit-weight|--router-disk-cache-hit-weight) FRONTEND_ARGS+=("$1" "$2"); shift 2 ;;
     --frontend-arg) FRONTEND_ARGS+=("$2"); shift 2 ;;
     --etcd-port) ETCD_PORT="$2"; shift 2 ;;
@@ -78,6 +88,11 @@ done
 
 NODE_IP="${NODE_IP:-$(hostname -I 2>/dev/null | awk '{print $1}')}"
 [ -n "$NODE_IP" ] || die "cannot tell this node's address: set NODE_IP"
+[[ "$MIGRATION_LIMIT" =~ ^[0-9]+$ ]] || die "--migration-limit must be a number >= 0, not '$MIGRATION_LIMIT'"
+HTTP_HOST="${HTTP_HOST:-$NODE_IP}"
+LISTEN_HOST="${LISTEN_HOST:-$NODE_IP}"
+# Where this node reaches a server that listens on HOST (every interface: loopback).
+local_address() { if [ "$1" = 0.0.0.0 ]; then echo 127.0.0.1; else echo "$1"; fi; }
 LOG_DIR="$WORKDIR/logs"
 mkdir -p "$LOG_DIR"
 
@@ -104,25 +119,28 @@ infra_addresses() {
 install_traps
 case "$ROLE" in
   infra)
-    start_etcd 0.0.0.0 "$ETCD_PORT" "$ETCD_PEER_PORT" "$NODE_IP" "$WORKDIR/etcd" "$LOG_DIR/etcd.log"
-    start_nats 0.0.0.0 "$NATS_PORT" "$NODE_IP" "$WORKDIR/nats" "$LOG_DIR/nats.log"
+    start_etcd "$LISTEN_HOST" "$ETCD_PORT" "$ETCD_PEER_PORT" "$NODE_IP" "$WORKDIR/etcd" "$LOG_DIR/etcd.log"
+    start_nats "$LISTEN_HOST" "$NATS_PORT" "$NODE_IP" "$WORKDIR/nats" "$LOG_DIR/nats.log"
     log "ready. On the other nodes: export INFRA_HOST=$NODE_IP   (or ETCD_ENDPOINTS=http://$NODE_IP:$ETCD_PORT NATS_SERVER=nats://$NODE_IP:$NATS_PORT)"
     ;;
   frontend)
     check_python
     infra_addresses
     start_bg frontend "$LOG_DIR/frontend.log" -- "$PY" -m dynamo.frontend --router-mode kv \
-      --http-host 0.0.0.0 --http-port "$HTTP_PORT" "${FRONTEND_ARGS[@]}"
-    wait_for "the frontend on port $HTTP_PORT" 120 http_get "http://127.0.0.1:$HTTP_PORT/health"
-    log "ready: http://$NODE_IP:$HTTP_PORT (workers registering anywhere in the cluster show up in /health)"
+      --http-host "$HTTP_HOST" --http-port "$HTTP_PORT" --migration-limit "$MIGRATION_LIMIT" "${FRONTEND_ARGS[@]}"
+    url="http://$(local_address "$HTTP_HOST"):$HTTP_PORT"
+    wait_for "the frontend on $url" 120 http_get "$url/health"
+    log "ready: $url (workers registering anywhere in the cluster show up in /health)"
     ;;
   workers)
     check_worker_options
     infra_addresses
-    export DYN_SYSTEM_HOST="${DYN_SYSTEM_HOST:-0.0.0.0}"  # health probes from outside the node
+    export DYN_SYSTEM_HOST="${DYN_SYSTEM_HOST:-$NODE_IP}"  # health probes from other nodes
+    export FLEXKV_NODE_ADDR="${FLEXKV_NODE_ADDR:-$NODE_IP}"  # peers and Prometheus reach the cache here
     start_workers
     wait_for "$WORKERS worker(s) ready" "$READY_TIMEOUT" workers_ready
     log "ready: $WORKERS worker(s) on $NODE_IP; cache status: $PY -m flexkv_core.cli status --endpoint ipc://$IPC_DIR/flexkv_server_0"
+    supervise
     ;;
 esac
 log "logs: $LOG_DIR   (Ctrl-C stops everything this role started)"

@@ -8,6 +8,9 @@
 #      FLEXKV_SERVER_RECV_PORT, SSD directory, KV-events endpoint and system (health) port,
 #      until every worker is ready and the frontend lists the model and sees N workers
 # then stays in the foreground; Ctrl-C (or SIGTERM) stops everything it started, workers first.
+# A process that dies while starting stops everything, with the cause from its log. Once ready, a worker
+# that dies is restarted, and the frontend's request migration (--migration-limit, default 3) moves its
+# requests to the other workers meanwhile. Everything listens on loopback unless told otherwise.
 #
 # Capacities come from the environment (FLEXKV_CPU_CACHE_GB, FLEXKV_SSD_CACHE_GB, ...) or from
 # FLEXKV_CONFIG_PATH, which may contain {i} for one file per worker. See deploy/README.md.
@@ -26,7 +29,9 @@ HELP
   worker_options_help
   cat <<'HELP'
 Frontend:
-  --http-host H, --http-port P    frontend address (default 0.0.0.0:8000)
+  --http-host H, --http-port P    frontend address (default 127.0.0.1:8000; 0.0.0.0 for every interface)
+  --migration-limit N        times the frontend may move a request to another worker when its worker
+                             dies (default $DYN_MIGRATION_LIMIT or 3; 0 turns migration off)
   --router-host-cache-hit-weight W  credit for prefix blocks in a worker's CPU tier (Dynamo default 0.75)
   --router-disk-cache-hit-weight W  credit for prefix blocks on a worker's SSD (Dynamo default 0.25)
   --frontend-arg ARG         extra frontend argument (repeatable)
@@ -42,8 +47,9 @@ HELP
 }
 
 worker_defaults
-HTTP_HOST="0.0.0.0"
+HTTP_HOST="127.0.0.1"
 HTTP_PORT=8000
+MIGRATION_LIMIT="${DYN_MIGRATION_LIMIT:-3}"
 FRONTEND_ARGS=()
 WITH_ETCD=0; ETCD_PORT=2379; ETCD_PEER_PORT=2380
 WITH_NATS=0; NATS_PORT=4222
@@ -55,6 +61,7 @@ while [ "$#" -gt 0 ]; do
   case "$1" in
     --http-host) HTTP_HOST="$2"; shift 2 ;;
     --http-port) HTTP_PORT="$2"; shift 2 ;;
+    --migration-limit) MIGRATION_LIMIT="$2"; shift 2 ;;
     --router-host-cache-hit-weight|--router-disk-cache-hit-weight) FRONTEND_ARGS+=("$1" "$2"); shift 2 ;;
     --frontend-arg) FRONTEND_ARGS+=("$2"); shift 2 ;;
     --with-etcd) WITH_ETCD=1; shift ;;
@@ -70,6 +77,7 @@ while [ "$#" -gt 0 ]; do
 done
 
 check_worker_options
+[[ "$MIGRATION_LIMIT" =~ ^[0-9]+$ ]] || die "--migration-limit must be a number >= 0, not '$MIGRATION_LIMIT'"
 LOG_DIR="$WORKDIR/logs"
 mkdir -p "$LOG_DIR"
 install_traps
@@ -101,7 +109,7 @@ log "discovery: $DYN_DISCOVERY_BACKEND${ETCD_ENDPOINTS:+ ($ETCD_ENDPOINTS)}, eve
 FRONTEND_URL="http://127.0.0.1:$HTTP_PORT"
 [ "$HTTP_HOST" = "0.0.0.0" ] || [ "$HTTP_HOST" = "127.0.0.1" ] || FRONTEND_URL="http://$HTTP_HOST:$HTTP_PORT"
 start_bg frontend "$LOG_DIR/frontend.log" -- "$PY" -m dynamo.frontend --router-mode kv \
-  --http-host "$HTTP_HOST" --http-port "$HTTP_PORT" "${FRONTEND_ARGS[@]}"
+  --http-host "$HTTP_HOST" --http-port "$HTTP_PORT" --migration-limit "$MIGRATION_LIMIT" "${FRONTEND_ARGS[@]}"
 wait_for "the frontend on $FRONTEND_URL" 120 http_get "$FRONTEND_URL/health"
 
 # --- 3. workers -----------------------------------------------------------------------------------
@@ -114,4 +122,5 @@ log "ready: $WORKERS worker(s) behind $FRONTEND_URL (model $SERVED)"
 log "try:   curl $FRONTEND_URL/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"$SERVED\", \"messages\": [{\"role\": \"user\", \"content\": \"Tell me a joke.\"}], \"max_tokens\": 30}'"
 log "cache: $PY -m flexkv_core.cli status --endpoint ipc://$IPC_DIR/flexkv_server_0"
 log "logs:  $LOG_DIR   (Ctrl-C stops everything)"
+supervise
 monitor

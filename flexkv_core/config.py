@@ -52,6 +52,7 @@ __all__ = [
     "FlexKVConfig",
     "configure_logging",
     "explain_config",
+    "format_bytes",
     "load_config",
     "main",
 ]
@@ -66,6 +67,9 @@ CONFIG_PATH_ENV = "FLEXKV_CONFIG_PATH"
 #: FLEXKV_* variables that belong to other parts of the project (the Dynamo launcher reads these two).
 FOREIGN_ENV = frozenset({CONFIG_PATH_ENV, "FLEXKV_DYNAMO_HOOK", "FLEXKV_KV_EVENTS_PORT"})
 
+#: Where the CPU tier's shared-memory region lives (flexkv_core.tiers.cpu creates it there).
+SHM_DIR = "/dev/shm"
+
 #: Names of the SSD tier's data files. Space they already occupy counts as available when checking the
 #: SSD size, so a warm restart over preallocated files is not refused for lack of free space.
 SSD_FILE_GLOB = "flexkv_ssd_*.bin"
@@ -76,6 +80,31 @@ _MAX_IPC_PATH = 107
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE_WORDS = ("true", "1", "yes", "on")
 _FALSE_WORDS = ("false", "0", "no", "off")
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def format_bytes(n: float) -> str:
+    """A size for people: three significant digits in the largest binary unit that keeps the number at
+    least 1 (``512 B``, ``32.0 MiB``, ``1.50 GiB``), so that 32 MiB never reads "0.0 GiB"."""
+    n = float(n)
+    unit = 0
+    while abs(n) >= 1024 and unit < len(_UNITS) - 1:
+        n /= 1024
+        unit += 1
+    if unit == 0:
+        return f"{n:.0f} B"
+    digits = 2 if abs(n) < 10 else 1 if abs(n) < 100 else 0
+    return f"{n:.{digits}f} {_UNITS[unit]}"
+
+
+def _gib_at_most(n_bytes: float) -> str:
+    """``n_bytes`` in GiB, rounded DOWN to three significant digits: a limit quoted to the user must
+    itself be allowed (32 MiB -> "0.0312", 23.47 GiB -> "23.4")."""
+    gib = n_bytes / (1 << 30)
+    if gib <= 0:
+        return "0"
+    digits = max(0, 2 - math.floor(math.log10(gib)))
+    return f"{math.floor(gib * 10**digits) / 10**digits:.{digits}f}"
 
 
 class EvictionPolicy(str, enum.Enum):
@@ -291,6 +320,8 @@ class FlexKVConfig:
     ssd_io_threads: int = _key(4, _number(int, 1))
     log_level: str = _key("INFO", _choice(_LOG_LEVELS))
     enable_metrics: bool = _key(True, _boolean())
+    metrics_port: int = _key(0, _number(int, 0, hi=65535, unit="serves the flexkv_* series at "
+                                                             "http://NODE_ADDR:PORT/metrics; 0: not served"))
     instance_num: int = _key(1, _number(int, 1))
     instance_id: int = _key(0, _number(int, 0, unit="and < instance_num"))
     # Distributed reuse across nodes (flexkv_core.distributed; deploy/distributed/README.md).
@@ -563,6 +594,15 @@ def _memory_limit() -> tuple[int, str]:
     return limit, what
 
 
+def _shm_free() -> int:
+    """Free bytes in /dev/shm (0 when it does not exist: the pool cannot be created at all then)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
 def _own_file_bytes(directory: str) -> int:
     """Disk space already allocated to our SSD files in `directory` (space a warm restart reuses)."""
     total = 0
@@ -582,7 +622,17 @@ def _check_machine(cfg: FlexKVConfig, sources: Mapping[str, str]) -> None:
     if cfg.cpu_cache_bytes > limit:
         raise ConfigError(
             f"cpu_cache_gb={cfg.cpu_cache_gb:.15g} from {sources['cpu_cache_gb']}: more than {what} "
-            f"({limit / GiB:.1f} GiB); allowed: a number > 0 and at most {limit / GiB:.1f} (GiB)",
+            f"({format_bytes(limit)}); allowed: a number > 0 and at most {_gib_at_most(limit)} (GiB)",
+            key="cpu_cache_gb")
+    # The CPU tier is a file in /dev/shm: a tmpfs smaller than the tier (Docker's default is 64 MiB)
+    # would kill the engine with SIGBUS when the pages are touched; the pool refuses it too, but only
+    # after the model has loaded.
+    shm_free = _shm_free()
+    if cfg.cpu_cache_bytes > shm_free:
+        raise ConfigError(
+            f"cpu_cache_gb={cfg.cpu_cache_gb:.15g} from {sources['cpu_cache_gb']}: {SHM_DIR} has only "
+            f"{format_bytes(shm_free)} free for the CPU tier; allowed: at most {_gib_at_most(shm_free)} (GiB) "
+            f"here, or enlarge {SHM_DIR} (docker --shm-size, a Kubernetes memory-backed emptyDir)",
             key="cpu_cache_gb")
 
     if not cfg.ssd_enabled:
@@ -607,12 +657,12 @@ def _check_machine(cfg: FlexKVConfig, sources: Mapping[str, str]) -> None:
     free = sum(shutil.disk_usage(dirs[0]).free for dirs in by_device.values())
     reusable = sum(_own_file_bytes(d) for d in cfg.ssd_cache_dir)
     if cfg.ssd_cache_bytes > free + reusable:
-        available = (free + reusable) / GiB
+        available = free + reusable
         raise ConfigError(
-            f"ssd_cache_gb={cfg.ssd_cache_gb:.15g} from {sources['ssd_cache_gb']}: only {available:.1f} GiB "
-            f"available in ssd_cache_dir ({'; '.join(cfg.ssd_cache_dir)}): {free / GiB:.1f} GiB free plus "
-            f"{reusable / GiB:.1f} GiB in existing {SSD_FILE_GLOB} files; allowed: a number >= 0 and at "
-            f"most {available:.1f} (GiB) here, or more directories", key="ssd_cache_gb")
+            f"ssd_cache_gb={cfg.ssd_cache_gb:.15g} from {sources['ssd_cache_gb']}: only {format_bytes(available)} "
+            f"available in ssd_cache_dir ({'; '.join(cfg.ssd_cache_dir)}): {format_bytes(free)} free plus "
+            f"{format_bytes(reusable)} in existing {SSD_FILE_GLOB} files; allowed: a number >= 0 and at "
+            f"most {_gib_at_most(available)} (GiB) here, or more directories", key="ssd_cache_gb")
 
 
 # --------------------------------------------------------------------------------------------------

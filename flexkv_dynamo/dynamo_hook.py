@@ -4,10 +4,13 @@ Dynamo 1.6.1 rejects ``--connector`` for vLLM. We do not patch Dynamo's files; i
 ``flexkv_dynamo_hook.pth`` in site-packages (`install`) imports this module when an interpreter starts.
 For every process that is not ``python -m dynamo.vllm`` naming flexkv in ``--connector`` (or in
 ``DYN_CONNECTOR``) it does nothing else. For such a process it puts a one-shot finder on
-``sys.meta_path`` that waits for ``dynamo.vllm.main`` to be imported (its ``__main__`` does that before
-parsing anything) and, right after that module has run (so Dynamo's logging is configured), rewrites
-``sys.argv`` with `flexkv_dynamo.launch_args.translate` and logs what it did. Dynamo then parses the
-translated command (``--kv-transfer-config`` naming our connector, ``--kv-events-config`` if needed).
+``sys.meta_path`` that runs when ``dynamo.vllm`` itself is about to be imported (by ``runpy``, after the
+interpreter's start-up, before any of Dynamo or vLLM is loaded): it rewrites ``sys.argv`` with
+`flexkv_dynamo.launch_args.translate` and runs `flexkv_dynamo.preflight` (the FlexKV configuration and
+the cache's endpoint, about a second); a command it cannot translate or a check that fails ends the
+process there with one line on stderr and status 2. Right after ``dynamo.vllm.main`` has been imported
+(so Dynamo's logging is configured) it logs what it did. Dynamo then parses the translated command
+(``--kv-transfer-config`` naming our connector, ``--kv-events-config`` if needed).
 
 Switches:
 
@@ -38,10 +41,12 @@ __all__ = [
     "after_dynamo_import",
     "apply_plan",
     "arm",
+    "before_import",
     "hook_disabled",
     "install",
     "launched_module",
     "main",
+    "prepare",
     "startup_cost_ms",
     "status",
     "uninstall",
@@ -61,9 +66,12 @@ PTH_LINE = ('import sys; exec("try:\\n import flexkv_dynamo.dynamo_hook\\nexcept
             'if getattr(sys, "argv", [""])[:1] == ["-m"] and sys.orig_argv[-len(sys.argv)].endswith("dynamo.vllm") '
             'else None')
 
-#: The module whose command line we translate, and the module whose import we wait for.
+#: The module whose command line we translate (its import is when we do it), and the module whose import
+#: we wait for to log through Dynamo's logging.
 TARGET_MODULE = "dynamo.vllm"
 TRIGGER_MODULE = "dynamo.vllm.main"
+#: What Dynamo's main imports and `flexkv_dynamo.resets` patches.
+ASYNC_LLM_MODULE = "vllm.v1.engine.async_llm"
 
 _FALSE = ("0", "false", "no", "off")
 
@@ -114,6 +122,32 @@ class _RunAfterExec:
 
     def __getattr__(self, name: str):
         return getattr(self._loader, name)
+
+
+class _BeforeImportFinder:
+    """A one-shot ``sys.meta_path`` finder: runs ``before()`` when ``name`` is first looked up, then lets
+    the other finders import it."""
+
+    def __init__(self, name: str, before) -> None:
+        self._name = name
+        self._before = before
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self._name:
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        self._before()
+        return None
+
+
+def before_import(name: str, before) -> None:
+    """Run ``before()`` once, when module ``name`` is about to be imported for the first time (an exception
+    it raises, SystemExit included, propagates out of that import)."""
+    if name in sys.modules:
+        before()
+        return
+    sys.meta_path.insert(0, _BeforeImportFinder(name, before))
 
 
 class _AfterImportFinder:
@@ -168,8 +202,10 @@ def after_dynamo_import(plan) -> None:
         log.info("%s", line)
     for line in plan.warnings:
         log.warning("%s", line)
-    if "flexkv" in plan.connectors and not reset_connector_with_prefix_cache():
-        log.warning("vLLM's AsyncLLM not found: Dynamo's weight updates will not clear FlexKV's tiers")
+    # Dynamo's main module has imported vLLM's AsyncLLM by now; only a stand-in Dynamo (tests) has not, and
+    # importing vLLM here just for it would cost tens of seconds.
+    if "flexkv" in plan.connectors and not (ASYNC_LLM_MODULE in sys.modules and reset_connector_with_prefix_cache()):
+        log.warning("vLLM's AsyncLLM not loaded by Dynamo: Dynamo's weight updates will not clear FlexKV's tiers")
     if "nixl" in plan.connectors and not os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST"):
         try:
             from dynamo.vllm.args import ensure_side_channel_host
@@ -179,24 +215,34 @@ def after_dynamo_import(plan) -> None:
             ensure_side_channel_host()
 
 
-def _translate_this_process() -> None:
-    """The hook's work in a ``dynamo.vllm`` process (called by `arm` once Dynamo's main is loaded)."""
+def prepare(prog: str, default_connectors: list[str] | None = None):
+    """Translate this process's ``sys.argv[1:]`` and check the FlexKV configuration and endpoint, before
+    Dynamo or vLLM is imported; return the `launch_args.LaunchPlan` put into effect (None: the command
+    does not name flexkv, nothing done). A command that cannot be translated, or a failed check, ends the
+    process: ``PROG: error: MESSAGE`` on stderr (one line, no traceback) and status 2."""
     from .launch_args import LaunchArgsError, translate
+    from .preflight import PreflightError, preflight
 
     try:
-        plan = translate(sys.argv[1:], os.environ)
-    except LaunchArgsError as exc:
-        sys.stderr.write(f"dynamo.vllm: error: {exc}\n")
+        plan = translate(sys.argv[1:], os.environ, default_connectors=default_connectors)
+        if plan is None:
+            return None
+        apply_plan(plan)  # first: the plan removes launcher-only variables the configuration refuses
+        preflight(os.environ)
+    except (LaunchArgsError, PreflightError) as exc:
+        sys.stderr.write(f"{prog}: error: {exc}\n")
+        sys.stderr.flush()
         raise SystemExit(2) from None
-    if plan is not None:
-        apply_plan(plan)
-        after_dynamo_import(plan)
+    arm(lambda: after_dynamo_import(plan))
+    return plan
 
 
 def _on_interpreter_start() -> None:
     try:
         if wants_translation(list(getattr(sys, "orig_argv", ())), list(getattr(sys, "argv", ())), os.environ):
-            arm(_translate_this_process)
+            # Not now: site-packages are still being processed (a .pth cannot exit cleanly, later .pth files
+            # have not run). runpy imports dynamo.vllm next, before any of Dynamo's code runs.
+            before_import(TARGET_MODULE, lambda: prepare(TARGET_MODULE))
     except Exception as exc:  # never break an interpreter start-up; say why the hook is off
         sys.stderr.write(f"flexkv_dynamo.dynamo_hook: disabled for this process: {exc!r}\n")
 

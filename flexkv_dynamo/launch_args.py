@@ -45,6 +45,7 @@ __all__ = [
     "LaunchArgsError",
     "LaunchPlan",
     "events_config_for",
+    "events_endpoint_problem",
     "free_port_block",
     "requested_connectors",
     "transfer_config_for",
@@ -275,6 +276,38 @@ def free_port_block(count: int = 1, *, low: int = 20000, high: int = 32000) -> i
     raise OSError(f"found no {count} consecutive free TCP ports in [{low}, {high})")
 
 
+def events_endpoint_problem(endpoint: str) -> str | None:
+    """Why vLLM's KV-event endpoint ``endpoint`` cannot deliver events to Dynamo's relay, or None.
+
+    vLLM's publisher binds a ``tcp://`` endpoint only when it holds ``*`` or ``::`` (and always binds
+    ``ipc://``); any other host makes it *connect*. Dynamo's relay always connects (to the same endpoint,
+    ``*`` read as 127.0.0.1). Two connecting sockets never meet: no events flow and nobody says so.
+    We refuse such an endpoint rather than rewrite it: the only rewrite that works, ``tcp://*:PORT``,
+    listens on every interface, which someone who wrote 127.0.0.1 did not ask for."""
+    if not endpoint.startswith("tcp://") or "*" in endpoint or "::" in endpoint:
+        return None
+    port = endpoint.rsplit(":", 1)[-1]
+    return (f"vLLM binds a tcp:// KV-events endpoint only when its host is '*', so with a host it connects, and "
+            f"Dynamo's relay connects too: nobody would listen and the router would get no events from this "
+            f"worker; use tcp://*:{port} (vLLM listens, the relay reads it at 127.0.0.1:{port}) or ipc://PATH "
+            "(this node only)")
+
+
+def _user_events_endpoint(args: Sequence[str], file_keys: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The ``--kv-events-config`` the user gave (command line over ``--config`` file) as a dict, or None when
+    it is not readable JSON (vLLM reports that), and where it came from."""
+    raw: Any = _last_value(args, "kv-events-config")
+    where = "--kv-events-config"
+    if raw is None:
+        raw, where = file_keys.get("kv-events-config"), "kv-events-config in the --config file"
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raw = None
+    return (raw if isinstance(raw, dict) else None), where
+
+
 def _events_endpoint(env: Mapping[str, str], dp_size: int, pick_port: Callable[[int], int]) -> tuple[str, str]:
     """(endpoint, where it came from)."""
     endpoint = env.get(KV_ENDPOINT_ENV, "").strip()
@@ -290,10 +323,9 @@ def _events_endpoint(env: Mapping[str, str], dp_size: int, pick_port: Callable[[
     if endpoint:
         if not endpoint.startswith(("tcp://", "ipc://")):
             raise LaunchArgsError(f"{KV_ENDPOINT_ENV}={endpoint!r} is not a ZMQ endpoint (tcp://*:PORT or ipc://PATH)")
-        if endpoint.startswith("tcp://") and "*" not in endpoint and "::" not in endpoint:
-            # vLLM connects to a concrete host instead of binding, and so does Dynamo's relay: no events.
-            raise LaunchArgsError(f"{KV_ENDPOINT_ENV}={endpoint!r} names a host, so vLLM would connect instead of "
-                                  "binding and Dynamo's relay would never receive events: use tcp://*:PORT")
+        problem = events_endpoint_problem(endpoint)
+        if problem:
+            raise LaunchArgsError(f"{KV_ENDPOINT_ENV}={endpoint!r}: {problem}")
         if endpoint.endswith(":0"):
             raise LaunchArgsError(f"{KV_ENDPOINT_ENV}={endpoint!r}: port 0 cannot be used, Dynamo's relay needs "
                                   "the real port; name one or leave the variable unset for a free one")
@@ -361,11 +393,10 @@ def translate(args: Sequence[str], env: Mapping[str, str] | None = None, *,
         raise LaunchArgsError(str(exc)) from None
     endpoint = None
     if _gives(args, file_keys, "kv-events-config"):
-        raw = _last_value(args, "kv-events-config")
-        try:
-            user_events = json.loads(raw) if raw else None
-        except ValueError:
-            user_events = None  # vLLM reports it
+        user_events, where = _user_events_endpoint(args, file_keys)
+        problem = events_endpoint_problem(str((user_events or {}).get("endpoint", "")))
+        if problem and user_events and user_events.get("enable_kv_cache_events"):
+            raise LaunchArgsError(f"{where} endpoint {user_events['endpoint']!r}: {problem}")
         if isinstance(user_events, dict) and not user_events.get("enable_kv_cache_events"):
             warnings.append("--kv-events-config does not set enable_kv_cache_events: the KV router gets no events "
                             "from this worker (neither GPU blocks nor FlexKV tiers)")

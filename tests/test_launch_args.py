@@ -25,6 +25,7 @@ from flexkv_dynamo import dynamo_hook
 from flexkv_dynamo.launch_args import (
     FLEXKV_TRANSFER_CONFIG,
     LaunchArgsError,
+    events_endpoint_problem,
     free_port_block,
     requested_connectors,
     translate,
@@ -198,7 +199,7 @@ def test_events_port_and_endpoint_from_the_environment():
 
 
 @pytest.mark.parametrize("env,match", [
-    ({"KV_ENDPOINT": "tcp://127.0.0.1:20080"}, "connect instead of binding"),
+    ({"KV_ENDPOINT": "tcp://127.0.0.1:20080"}, "KV_ENDPOINT='tcp://127.0.0.1:20080': .*use tcp://\\*:20080"),
     ({"KV_ENDPOINT": "tcp://*:0"}, "port 0"),
     ({"KV_ENDPOINT": "localhost:20080"}, "not a ZMQ endpoint"),
     ({"FLEXKV_KV_EVENTS_PORT": "eighty"}, "not a port number"),
@@ -215,6 +216,47 @@ def test_user_kv_events_config_is_kept():
     plan = translate(["--connector", "flexkv", "--kv-events-config", mine], {}, pick_port=fixed_port())
     assert plan.args.count("--kv-events-config") == 1 and option(plan.args, "--kv-events-config") == mine
     assert plan.kv_events_endpoint is None and not plan.warnings
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:20080", "tcp://0.0.0.0:20080", "tcp://node7:20080"])
+def test_user_kv_events_endpoint_that_cannot_work_is_refused(endpoint, tmp_path):
+    """vLLM connects to a tcp:// endpoint that names a host, and Dynamo's relay connects too: no events
+    would ever flow, silently. Refused with the endpoint that works instead, on the command line and in a
+    vLLM --config file."""
+    events = {"publisher": "zmq", "topic": "kv-events", "endpoint": endpoint, "enable_kv_cache_events": True}
+    with pytest.raises(LaunchArgsError) as info:
+        translate(["--connector", "flexkv", "--kv-events-config", json.dumps(events)], {}, pick_port=fixed_port())
+    msg = str(info.value)
+    assert msg.startswith(f"--kv-events-config endpoint {endpoint!r}: ") and "use tcp://*:20080" in msg, msg
+    config = tmp_path / "vllm.yaml"
+    config.write_text(json.dumps({"kv_events_config": events}))
+    with pytest.raises(LaunchArgsError, match="kv-events-config in the --config file endpoint"):
+        translate(["--connector", "flexkv", "--config", str(config)], {}, pick_port=fixed_port())
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://*:20080", "tcp://[::]:20080", "ipc:///tmp/kv_w0"])
+def test_user_kv_events_endpoints_vllm_binds_are_accepted(endpoint):
+    events = {"endpoint": endpoint, "enable_kv_cache_events": True}
+    plan = translate(["--connector", "flexkv", "--kv-events-config", json.dumps(events)], {}, pick_port=fixed_port())
+    assert json.loads(option(plan.args, "--kv-events-config"))["endpoint"] == endpoint
+
+
+def test_a_disabled_events_config_is_not_refused_for_its_endpoint():
+    # Nothing is published, so nothing is lost: only the existing warning about enable_kv_cache_events.
+    events = {"endpoint": "tcp://127.0.0.1:20080", "enable_kv_cache_events": False}
+    plan = translate(["--connector", "flexkv", "--kv-events-config", json.dumps(events)], {}, pick_port=fixed_port())
+    assert any("enable_kv_cache_events" in w for w in plan.warnings)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("endpoint", ["tcp://*:5557", "tcp://127.0.0.1:5557", "tcp://0.0.0.0:5557",
+                                      "tcp://[::]:5557", "tcp://[::1]:5557", "tcp://host:5557", "ipc:///tmp/x"])
+def test_refusal_follows_vllms_own_bind_rule(endpoint):
+    """Our rule is vLLM's: an endpoint is refused exactly when vLLM's publisher would connect to it (and
+    this test fails if vLLM changes its rule)."""
+    from vllm.distributed.kv_events import ZmqEventPublisher
+
+    assert (events_endpoint_problem(endpoint) is None) == ZmqEventPublisher._is_bind_endpoint(endpoint)
 
 
 def test_user_kv_events_config_without_enable_warns():
@@ -302,6 +344,8 @@ def hook_env(tmp_path_factory) -> dict[str, str]:
                                                               "FLEXKV_KV_EVENTS_PORT", "DYNAMO_USE_FLEXKV")}
     site_dir = str(next(py.parent.parent.glob("lib/python*/site-packages")))
     env.update(PYTHONPATH=str(fake), HOOK_PYTHON=str(py), HOOK_SITE=site_dir)
+    # The hook checks the cache's endpoint before Dynamo starts: never the machine-wide default one.
+    env.update(FLEXKV_SERVER_RECV_PORT=f"ipc://{root}/svc.sock", FLEXKV_CPU_CACHE_GB="0.01")
     return env
 
 

@@ -6,7 +6,8 @@
 #   2. N nodes, each with its own ports, SSD directory, cache service endpoint and transfer-engine ports:
 #        engine mode (--model M):  node i = deploy/single_node.sh --workers 1, its frontend on HTTP base+i
 #        --cache-only:             node i = python -m flexkv_core.distributed (a cache node, no engine)
-#   3. waits until every node is ready and sees the other N-1 as peers, then stays in the foreground;
+#   3. waits until every node is ready and sees the other N-1 nodes of this run as peers (each node's
+#      cache service answers with its own view of the global index), then stays in the foreground;
 #      Ctrl-C (or SIGTERM) stops the nodes, then Redis.
 #
 # Every node gets FLEXKV_ENABLE_DISTRIBUTED=1 and the FLEXKV_REDIS_* / FLEXKV_TE_* / FLEXKV_DIST_* variables
@@ -19,7 +20,7 @@ source "$HERE/../lib.sh"
 
 usage() {
   cat <<'HELP'
-Usage: deploy/distributed/start_virtual_nodes.sh (--model M | --cache-only) [options] [-- extra node args]
+Usage: deploy/distributed/start_virtual_nodes.sh (--model M | --cache-only) [options] [-- worker args]
 
 Nodes:
   --nodes N                  how many (default 2)
@@ -29,7 +30,10 @@ Nodes:
   --http-base-port B         engine mode: node i's frontend listens on B+i (default 8000)
   --te-base-port T           node i's transfer engine uses ports T+2i and T+2i+1 (default 17000)
   --service-base-port S      node i's export service (peers call it) is on S+i (default 17500)
-  --kv-events-base-port K    engine mode: node i's worker publishes KV events on K+i (default 20080)
+  --kv-events-base-port K    engine mode: node i's worker publishes KV events on tcp://*:K+i (default: an
+                             ipc socket in D/node_i/ipc, which only this machine reaches)
+  --node-arg ARG             engine mode: an extra deploy/single_node.sh option for every node (repeatable,
+                             e.g. --node-arg --ready-timeout --node-arg 1800)
   --system-base-port Y       engine mode: node i's worker serves /health on Y+i (default 18081)
   --node-addr A              this machine's address as the nodes reach each other (default 127.0.0.1)
   --workdir D                node i keeps its logs, SSD directory and sockets in D/node_i
@@ -43,8 +47,9 @@ Redis (the metadata of the global index):
   --flush                    delete every flexkv:* key in that Redis before starting (nothing else)
 Other:
   -h, --help                 this text
-Arguments after -- go to every node's deploy/single_node.sh (engine mode) or python -m flexkv_core.distributed
-(cache-only mode, e.g. -- --num-layers 2 --block-size 16).
+Arguments after -- go to every node's worker: python -m dynamo.vllm (engine mode, e.g. -- --max-model-len
+8192 --block-size 64) or python -m flexkv_core.distributed (cache-only mode, e.g. -- --num-layers 2
+--block-size 16).
 HELP
 }
 
@@ -54,7 +59,8 @@ CACHE_ONLY=0
 HTTP_BASE=8000
 TE_BASE=17000
 SERVICE_BASE=17500
-KV_BASE=20080
+KV_BASE=""
+NODE_ARGS=()
 SYSTEM_BASE=18081
 NODE_ADDR=127.0.0.1
 WORKDIR=/tmp/flexkv_virtual_nodes
@@ -75,6 +81,7 @@ while [ "$#" -gt 0 ]; do
     --te-base-port) TE_BASE="$2"; shift 2 ;;
     --service-base-port) SERVICE_BASE="$2"; shift 2 ;;
     --kv-events-base-port) KV_BASE="$2"; shift 2 ;;
+    --node-arg) NODE_ARGS+=("$2"); shift 2 ;;
     --system-base-port) SYSTEM_BASE="$2"; shift 2 ;;
     --node-addr) NODE_ADDR="$2"; shift 2 ;;
     --workdir) WORKDIR="$2"; shift 2 ;;
@@ -85,7 +92,8 @@ while [ "$#" -gt 0 ]; do
     --external-redis) EXTERNAL_REDIS=1; shift ;;
     --flush) FLUSH=1; shift ;;
     -h|--help) usage; exit 0 ;;
-    --) shift; EXTRA=("$@"); break ;;
+    --) shift; [ "${1:-}" = "--" ] && shift  # `-- --`, which earlier versions needed, still works
+      EXTRA=("$@"); break ;;
     *) usage >&2; die "unknown option '$1'" ;;
   esac
 done
@@ -105,6 +113,11 @@ mkdir -p "$LOG_DIR"
 install_traps
 export REDISCLI_AUTH="$REDIS_PASSWORD"  # redis-cli reads it: the password stays off command lines
 
+# Node i's cache service (single_node.sh names its one worker's flexkv_server_0).
+node_endpoint() {  # I
+  if [ "$CACHE_ONLY" = 1 ]; then printf 'ipc://%s/node_%s/ipc/flexkv_server' "$WORKDIR" "$1"
+  else printf 'ipc://%s/node_%s/ipc/flexkv_server_0' "$WORKDIR" "$1"; fi
+}
 redis_cli() { redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" --no-auth-warning "$@"; }
 redis_ready() { [ "$(redis_cli ping 2>/dev/null)" = PONG ]; }
 
@@ -137,20 +150,42 @@ for ((i = 0; i < NODES; i++)); do
     "FLEXKV_SSD_CACHE_DIR=$dir/ssd"
   )
   if [ "$CACHE_ONLY" = 1 ]; then
-    start_bg "node $i" "$LOG_DIR/node_$i.log" "${node_env[@]}" "FLEXKV_SERVER_RECV_PORT=ipc://$dir/ipc/flexkv_server" -- \
+    start_bg "node $i" "$LOG_DIR/node_$i.log" "${node_env[@]}" "FLEXKV_SERVER_RECV_PORT=$(node_endpoint "$i")" -- \
       "$PY" -m flexkv_core.distributed --model "$MODEL" "${EXTRA[@]}"
   else
+    kv_args=()
+    [ -z "$KV_BASE" ] || kv_args=(--kv-events-base-port "$((KV_BASE + i))")
     start_bg "node $i" "$LOG_DIR/node_$i.log" "${node_env[@]}" -- \
       "$HERE/../single_node.sh" --model "$MODEL" --workers 1 --python "$PY" --workdir "$dir" \
-      --http-port "$((HTTP_BASE + i))" --kv-events-base-port "$((KV_BASE + i))" \
-      --system-base-port "$((SYSTEM_BASE + i))" --ipc-dir "$dir/ipc" --ssd-root "$dir/ssd" "${EXTRA[@]}"
+      --http-port "$((HTTP_BASE + i))" "${kv_args[@]}" --system-base-port "$((SYSTEM_BASE + i))" \
+      --ipc-dir "$dir/ipc" --ssd-root "$dir/ssd" "${NODE_ARGS[@]}" -- "${EXTRA[@]}"
   fi
 done
 
-# --- 3. ready: every node registered in Redis, and (engine mode) every frontend up -------------------
-registered_nodes() { redis_cli --scan --pattern 'flexkv:*:node:*' | wc -l; }
-all_registered() { [ "$(registered_nodes)" -ge "$NODES" ]; }
-wait_for "$NODES node(s) registered in Redis" 900 all_registered
+# --- 3. ready: every node's cache serves and sees the other nodes of this run as peers ---------------
+# (Counting node keys in Redis would also count nodes of an earlier run whose leases have not run out.)
+peers_see_each_other() {
+  local endpoints=() i
+  for ((i = 0; i < NODES; i++)); do endpoints+=("$(node_endpoint "$i")"); done
+  "$PY" - "${endpoints[@]}" <<'PY'
+import sys
+from flexkv_core.client import CacheClient
+
+views = []
+for endpoint in sys.argv[1:]:
+    client = CacheClient(endpoint, timeout_s=2)
+    try:
+        views.append(client.call("distributed"))  # absent until the node has joined the global index
+    except Exception:
+        sys.exit(1)
+    finally:
+        client.close()
+ids = [view.get("node_id") for view in views]
+sys.exit(0 if None not in ids and all(set(ids) - {own} <= set(view.get("peers", []))
+                                      for own, view in zip(ids, views)) else 1)
+PY
+}
+wait_for "$NODES node(s) seeing each other as peers" 900 peers_see_each_other
 if [ "$CACHE_ONLY" = 0 ]; then
   for ((i = 0; i < NODES; i++)); do
     wait_for "node $i's frontend on port $((HTTP_BASE + i))" 900 frontend_ready "http://127.0.0.1:$((HTTP_BASE + i))" 1
@@ -159,7 +194,7 @@ fi
 log "ready: $NODES virtual node(s) sharing KV blocks through Redis $REDIS_HOST:$REDIS_PORT"
 for ((i = 0; i < NODES; i++)); do
   if [ "$CACHE_ONLY" = 1 ]; then
-    log "  node $i: cache ipc://$WORKDIR/node_$i/ipc/flexkv_server, export port $((SERVICE_BASE + i)), engine ports $((TE_BASE + 2 * i))-$((TE_BASE + 2 * i + 1))"
+    log "  node $i: cache $(node_endpoint "$i"), export port $((SERVICE_BASE + i)), engine ports $((TE_BASE + 2 * i))-$((TE_BASE + 2 * i + 1))"
   else
     log "  node $i: http://127.0.0.1:$((HTTP_BASE + i))/v1/chat/completions, export port $((SERVICE_BASE + i)), engine ports $((TE_BASE + 2 * i))-$((TE_BASE + 2 * i + 1))"
   fi
