@@ -59,6 +59,7 @@ fi
 # Makes `python -m dynamo.vllm --connector flexkv` work (Dynamo 1.6.1 rejects --connector); a no-op for
 # every other command. Reversible: `python -m flexkv_dynamo.dynamo_hook uninstall`, or FLEXKV_DYNAMO_HOOK=0.
 "$VENV/bin/python" -m flexkv_dynamo.dynamo_hook install >/dev/null
+"$VENV/bin/python" -m flexkv_dynamo.models >/dev/null  # the real model, converted once per pins (flexkv_dynamo/models.py)
 
 # --- 4. smoke test --------------------------------------------------------------------------------
 "$VENV/bin/python" - <<'PY'
