@@ -194,7 +194,7 @@ def choose_model(args: argparse.Namespace) -> ModelChoice:
                          "runs offline here")
     name = directory if args.model is None else args.model
     if resolve_prompt_mode(args.prompt_mode, tok_dir) is PromptMode.HASH_IDS and Path(tok_dir).is_dir():
-        tokenizer, env = hub_tokenizer(tok_dir, cache_root() / "aiperf-hub")
+        tokenizer, env = hub_tokenizer(tok_dir, cache_root() / "tokenizer-hub")
     else:
         tokenizer, env = tok_dir, {}
     return ModelChoice(str(name), directory, tokenizer, env, embedded)
