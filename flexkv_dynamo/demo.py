@@ -329,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: the cluster's context manager stops every process.
+    # Ctrl-C and SIGTERM (a CI timeout, `kill`) unwind: the cluster's context manager stops every process.
+    # SIGINT explicitly too: a shell starts background jobs with it ignored, and Python then keeps it so.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     def say(text: str) -> None:

@@ -18,7 +18,7 @@ from conftest import BLOCK_SIZE, FLEXKV_TRANSFER_CONFIG, flexkv_env, start_engin
 
 from flexkv_core.layout import Tier
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.timeout(900)]
 
 MAX_TOKENS = 32
 
@@ -28,7 +28,8 @@ def engine(flexkv_workdir):
     from flexkv_dynamo.models import ensure_model
 
     eng = start_engine(str(ensure_model()), transfer_config=FLEXKV_TRANSFER_CONFIG,
-                       env=flexkv_env(flexkv_workdir, cpu_gb=0.25, ssd_gb=0.5), max_model_len=2048)
+                       env=flexkv_env(flexkv_workdir, cpu_gb=0.25, ssd_gb=0.5), max_model_len=2048,
+                       enforce_eager=True)  # torch.compile of 30 layers takes minutes on two cores
     yield eng
     eng.shutdown()
 
