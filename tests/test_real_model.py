@@ -18,7 +18,7 @@ from conftest import BLOCK_SIZE, FLEXKV_TRANSFER_CONFIG, flexkv_env, start_engin
 
 from flexkv_core.layout import Tier
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 MAX_TOKENS = 32
 
