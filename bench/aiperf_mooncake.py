@@ -231,6 +231,7 @@ class ClusterTarget(Target):
                  max_input_tokens: int | None) -> None:
         kind = WorkerKind(config)
         self.cluster = LocalCluster(workdir)
+        self.ready_timeout_s = args.ready_timeout
         self.cluster.start_frontend()
         wargs = worker_args(args, model, max_input_tokens)
         env = {"VLLM_CPU_KVCACHE_SPACE": "1", "FLEXKV_CPU_CACHE_GB": f"{args.cpu_cache_gb:g}"}
@@ -259,6 +260,9 @@ class ClusterTarget(Target):
                           self.cluster.workers))
 
     def reset(self) -> None:
+        # Every worker still registered, the model still listed: a worker that lost its registration (its
+        # lease lapsed on a starved machine) would turn the run into 404s, or into a one-worker run.
+        self.cluster.wait_ready(self.ready_timeout_s)
         for worker in self.cluster.workers:
             answer = get_json(f"http://127.0.0.1:{worker.system_port}/engine/flush_cache", {}, timeout=300)
             if answer.get("status") != "ok":
