@@ -268,7 +268,7 @@ def test_conversation_slices_keep_whole_conversations_of_one_window(tmp_path: Pa
     assert [r.timestamp_ms for r in prepared.requests] == [0.0, 2000.0, 4000.0]
     assert prepared.stats.block_reuse == pytest.approx(5 / 9)  # 2 of 3, then 3 of 4 blocks seen before
     assert prepare_trace(trace, replace(opts, min_turns=1)).stats.requests == 5
-    # limit takes whole conversations, in order, while they fit: A (3 requests) and B (1), not C.
+    # limit takes whole conversations, in order, each if it still fits: A (3 requests) and B (1), not C.
     limited = prepare_trace(trace, replace(opts, min_turns=1, limit=4))
     assert [r.hash_ids[0] for r in limited.requests] == [100, 200, 100, 100]
     with pytest.raises(ValueError, match="select must be one of"):
@@ -501,6 +501,7 @@ def test_driver_end_to_end_with_real_workers_and_flexkv(tmp_path: Path) -> None:
     assert [(r.requests, r.errors) for r in sl.runs["flexkv"]] == [(3, 0), (3, 0)]
     info = json.loads((out / sl.name / "flexkv" / "rep_0" / "run_info.json").read_text())
     assert "--connector flexkv, tier events on" in info["deployment"]
-    # Each repeat starts from empty caches and stores its prompts again: the same blocks both times.
+    # Each repeat starts from empty caches (Dynamo's flush_cache empties our tiers too), so the second stores
+    # its prompts' blocks again: with the first run's blocks still there, it would store none.
     stored = [t["stored"]["cpu"] for t in sl.tiers["flexkv"]]
-    assert stored[0] > 0 and stored[0] == stored[1], stored
+    assert stored[0] > 0 and stored[1] > 0, stored

@@ -291,7 +291,7 @@ def _select_conversations(scaled: Sequence[TraceRequest], opts: SliceOptions) ->
     chosen: list[int] = []
     for group in kept[opts.skip:]:
         if opts.limit is not None and len(chosen) + len(group) > opts.limit:
-            break
+            continue  # whole conversations only: one that no longer fits is left out
         chosen.extend(group)
     return [window[i] for i in sorted(chosen)]
 
@@ -304,7 +304,7 @@ def prepare_trace(requests: Sequence[TraceRequest], opts: SliceOptions) -> Prepa
     ``max_input_tokens``, then ``skip``/``limit`` (so ``limit`` is the number of requests actually sent).
     ``select="conversations"``: scaling and ``max_input_tokens`` first, then the window, then every
     ``sample_every``-th conversation of at least ``min_turns`` turns, whole; ``skip`` counts
-    conversations and ``limit`` caps the requests (whole conversations only). Then time is rebased and
+    conversations and ``limit`` caps the requests (conversations in order, each kept only if it still fits). Then time is rebased and
     compressed.
     """
     if opts.select == "conversations":
