@@ -34,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -137,6 +138,7 @@ class LocalCluster:
     processes: list[Process] = field(default_factory=list)
     workers: list[Worker] = field(default_factory=list)
     url: str = ""
+    ipc_dir: Path | None = None  # the workers' cache sockets (made on first use, removed by stop)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
@@ -211,11 +213,9 @@ class LocalCluster:
         return worker
 
     def _ipc_dir(self) -> Path:
-        if not hasattr(self, "_ipc"):
-            import tempfile
-
-            self._ipc = Path(tempfile.mkdtemp(prefix="fkvc", dir="/tmp"))
-        return self._ipc
+        if self.ipc_dir is None:
+            self.ipc_dir = Path(tempfile.mkdtemp(prefix="fkvc", dir="/tmp"))
+        return self.ipc_dir
 
     # ---- waiting ---------------------------------------------------------------------------------------
 
@@ -283,8 +283,8 @@ class LocalCluster:
                 proc.popen.wait(10)
             except subprocess.TimeoutExpired:
                 log.error("%s (pid %d) did not die", proc.name, proc.popen.pid)
-        if hasattr(self, "_ipc"):
-            shutil.rmtree(self._ipc, ignore_errors=True)
+        if self.ipc_dir is not None:
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
         if self in _LIVE:
             _LIVE.remove(self)
 
