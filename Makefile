@@ -6,8 +6,12 @@ FAST := not slow and not engine and not servers and not dynamo
 setup:
 	@bash scripts/setup.sh
 
+# `python -m dynamo.vllm` imports torchvision for every model (through transformers' Qwen2-VL image processor)
+# and the package index has no CPU build of it for our torch: on a machine without a working one, the demo's
+# workers get the test harness's stand-in (tests/support.py) on PYTHONPATH. The product never ships it.
+SHIM_DIR := $(or $(FLEXKV_CACHE_DIR),$(HOME)/.cache/flexkv-dynamo)/torchvision-stand-in
 demo: setup
-	$(PY) -m flexkv_dynamo.demo
+	PYTHONPATH="$$($(PY) tests/support.py torchvision-shim $(SHIM_DIR))" $(PY) -m flexkv_dynamo.demo
 
 test: setup
 	$(PY) -m pytest -q

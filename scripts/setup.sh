@@ -64,3 +64,6 @@ fi
 
 # --- 4. smoke test --------------------------------------------------------------------------------
 "$VENV/bin/python" "$ROOT/scripts/smoke_test.py"
+
+# --- 5. the real model of the demo -----------------------------------------------------------------
+"$VENV/bin/python" -m flexkv_dynamo.models >/dev/null  # converted once per pins (flexkv_dynamo/models.py)

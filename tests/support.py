@@ -191,3 +191,20 @@ def http_json(url: str, body: Any = None, timeout: float = 120.0) -> Any:
     req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.load(resp)
+
+
+def torchvision_shim_if_needed(root: Path) -> str:
+    """The shim's directory (written under ``root``) when this interpreter has no working torchvision, else ""."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing, or a CUDA build that fails to load on a CPU-only torch
+        return str(write_torchvision_shim(root))
+    return ""
+
+
+if __name__ == "__main__":
+    # `python tests/support.py torchvision-shim DIR`: what `make demo` puts on PYTHONPATH on a CPU-only machine
+    # (dynamo.vllm imports torchvision for every model; the package index has no CPU build for our torch).
+    if len(sys.argv) != 3 or sys.argv[1] != "torchvision-shim":
+        sys.exit("usage: python tests/support.py torchvision-shim DIR")
+    print(torchvision_shim_if_needed(Path(sys.argv[2])))

@@ -1,7 +1,8 @@
 """The aiperf Mooncake-trace driver: trace preparation, results parsing, process hygiene, end to end.
 
-The results tests read real aiperf 0.13 output kept in ``tests/data/aiperf/`` (a mocker run of the
-driver: ``--launch-mocker --limit 8``), so a change in what aiperf writes shows up here first.
+The results tests read real aiperf 0.13 output kept in ``tests/data/aiperf/slice_0/`` (two 8-request runs
+of an earlier version of the driver, laid out as the driver lays runs out now), so a change in what aiperf
+writes shows up here first.
 """
 
 from __future__ import annotations
@@ -13,18 +14,19 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from support import write_torchvision_shim  # the test harness's stand-in (no CPU torchvision)
+from support import torchvision_shim_if_needed  # the test harness's stand-in (no CPU torchvision)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench import aiperf_mooncake as driver  # noqa: E402
 from bench.aiperf import launch, results, venv  # noqa: E402
-from bench.aiperf.run import AiperfRun, aiperf_command, aiperf_env  # noqa: E402
+from bench.aiperf.run import AiperfError, AiperfRun, aiperf_command, aiperf_env, hub_tokenizer  # noqa: E402
 from bench.aiperf.trace import (  # noqa: E402
     MOONCAKE_BLOCK_TOKENS,
     PromptMode,
@@ -33,6 +35,7 @@ from bench.aiperf.trace import (  # noqa: E402
     TraceRequest,
     aiperf_records,
     block_reuse,
+    conversations,
     parse_fraction,
     prepare_trace,
     read_mooncake_trace,
@@ -235,10 +238,63 @@ def test_aiperf_venv_is_keyed_by_its_pin_file(tmp_path: Path, monkeypatch: pytes
         venv.ensure_aiperf_venv(tmp_path / "missing.txt")
 
 
+# --- conversation slices ---------------------------------------------------------------------------
+
+def test_turns_are_grouped_by_their_longest_shared_prefix_not_by_the_common_first_block() -> None:
+    reqs = [TraceRequest(0, 100, 1, (0, 1, 2)),      # conversation A, turn 1
+            TraceRequest(1, 100, 1, (0, 5, 6)),      # B: shares only block 0 (every request does)
+            TraceRequest(2, 100, 1, (0, 1, 2, 3)),   # A, turn 2
+            TraceRequest(3, 100, 1, (0, 5, 6, 7)),   # B, turn 2
+            TraceRequest(4, 100, 1, (0, 1, 2, 3, 9))]  # A, turn 3
+    assert conversations(reqs) == [[0, 2, 4], [1, 3]]
+    assert conversations(reqs, min_shared=1) == [[0, 1, 2, 3, 4]]
+
+
+def test_conversation_slices_keep_whole_conversations_of_one_window(tmp_path: Path) -> None:
+    records = [req(0, 2, first_id=100), req(1000, 2, first_id=200),          # two conversations...
+               req(2000, 3, first_id=100, shared=0), req(3000, 3, first_id=300),
+               req(4000, 4, first_id=100), req(70_000, 3, first_id=200)]      # ...the last turn out of the window
+    # req(...) ids: turn k of conversation X repeats X's first ids; make A's turns extend A's prefix.
+    records[2]["hash_ids"] = [100, 101, 102]
+    records[4]["hash_ids"] = [100, 101, 102, 103]
+    records[5]["hash_ids"] = [200, 201, 202]
+    path = write_trace(tmp_path / "t.jsonl", records)
+    trace = read_mooncake_trace(path)
+    opts = SliceOptions(select="conversations", window_s=60, sample_every=1, min_turns=2)
+    prepared = prepare_trace(trace, opts)
+    # A has 3 turns in window 0; B's second turn is in window 1, so B has one turn here and is left out;
+    # request 3 (ids 300...) is a single-turn conversation.
+    assert [r.hash_ids[0] for r in prepared.requests] == [100, 100, 100]
+    assert [r.timestamp_ms for r in prepared.requests] == [0.0, 2000.0, 4000.0]
+    assert prepared.stats.block_reuse == pytest.approx(5 / 9)  # 2 of 3, then 3 of 4 blocks seen before
+    assert prepare_trace(trace, replace(opts, min_turns=1)).stats.requests == 5
+    # limit takes whole conversations, in order, each if it still fits: A (3 requests) and B (1), not C.
+    limited = prepare_trace(trace, replace(opts, min_turns=1, limit=4))
+    assert [r.hash_ids[0] for r in limited.requests] == [100, 200, 100, 100]
+    with pytest.raises(ValueError, match="select must be one of"):
+        SliceOptions(select="sessions")
+
+
+@pytest.mark.slow  # reads all 12,031 requests: ~3 s
+@pytest.mark.skipif(not SHARED_TRACE.is_file(), reason="shared Mooncake trace not present")
+def test_conversation_slices_of_the_real_trace_reuse_far_more_than_every_sixth_request() -> None:
+    """The published every-6th sampling breaks conversations up: a slice of it barely reuses anything, so it
+    cannot show what a KV cache does. Whole conversations of a window reuse much more, in every window."""
+    trace = read_mooncake_trace(SHARED_TRACE)
+    preset = driver.PRESETS["cpu"]
+    for window in range(3):
+        conv = prepare_trace(trace, replace(preset, window=window))
+        every6 = prepare_trace(trace, SliceOptions(scale_length=1 / 8, skip=window * conv.stats.requests,
+                                                   limit=conv.stats.requests))
+        assert conv.stats.block_reuse > 0.3 > 0.15 > every6.stats.block_reuse, (window, conv.stats, every6.stats)
+        assert 20 <= conv.stats.requests <= 80
+        assert max(r.input_length for r in conv.requests) <= preset.max_input_tokens
+
+
 # --- results -------------------------------------------------------------------------------------
 
 def test_real_aiperf_export_is_parsed_consistently_with_its_per_request_records() -> None:
-    run = results.load_run("baseline", DATA / "baseline" / "aiperf")
+    run = results.load_run("vllm", DATA / "slice_0" / "vllm" / "rep_0" / "aiperf")
     assert (run.requests, run.errors) == (8, 0)
     assert len(run.ttft_ms) == 8
     assert run.units["time_to_first_token"] == "ms"
@@ -259,83 +315,101 @@ def test_missing_or_foreign_summary_errors_name_the_file(tmp_path: Path) -> None
         results.load_run("y", tmp_path / "y")
 
 
-def copy_runs(dest: Path) -> Path:
-    for config in ("flexkv", "baseline"):
-        shutil.copytree(DATA / config, dest / config)
-    shutil.copy(DATA / "trace_info.json", dest / "trace_info.json")
+def copy_runs(dest: Path, repeats: int = 2) -> Path:
+    """Two slices with ``repeats`` copies of each kept run (the second slice's flexkv copy scaled so that its
+    ratios differ)."""
+    for name in ("slice_0", "slice_1"):
+        shutil.copy(DATA / "slice_0" / "trace_info.json", (dest / name).mkdir(parents=True) or dest / name)
+        for config in ("vllm", "flexkv"):
+            for rep in range(repeats):
+                shutil.copytree(DATA / "slice_0" / config / "rep_0", dest / name / config / f"rep_{rep}")
     return dest
 
 
-def test_comparison_table_in_markdown_and_csv(tmp_path: Path) -> None:
-    runs = results.discover_runs(copy_runs(tmp_path))
-    assert [r.config for r in runs] == ["baseline", "flexkv"]
-    base, flex = (r.stat("time_to_first_token", "p50") for r in runs)
-    md = results.to_markdown(runs)
-    assert md.splitlines()[0] == "| metric | stat | unit | baseline | flexkv | flexkv vs baseline |"
-    ttft_p50 = next(line for line in md.splitlines() if line.startswith("| TTFT | p50 |"))
-    assert f"{100 * (flex - base) / base:+.1f}%" in ttft_p50
-    path = results.write_csv(tmp_path / "r.csv", runs)
-    rows = {(r["metric"], r["stat"]): r for r in csv.DictReader(path.open())}
-    assert float(rows[("TTFT", "p50")]["baseline"]) == pytest.approx(base, rel=1e-5)
-    assert float(rows[("TTFT", "p50")]["flexkv vs baseline"]) == pytest.approx((flex - base) / base, rel=1e-5)
-    assert rows[("Requests completed", "")]["flexkv"] == "8"
-    for metric in ("ITL", "Request latency", "Output token throughput", "Prompt tokens read from cache"):
-        assert any(key[0] == metric for key in rows)
+def test_ratios_are_medians_over_repeats_against_vllm_and_goals_are_judged_on_them(tmp_path: Path) -> None:
+    out = copy_runs(tmp_path / "out")
+    summary = out / "slice_1" / "flexkv" / "rep_1" / "aiperf" / results.SUMMARY_JSON
+    data = json.loads(summary.read_text())
+    data["time_to_first_token"]["p50"] *= 3  # one slow repeat: with 2 repeats the median is their mean
+    summary.write_text(json.dumps(data))
+    slices = results.discover(out)
+    assert [sl.name for sl in slices] == ["slice_0", "slice_1"]
+    sl0, sl1 = slices
+    assert sl0.configs() == ["vllm", "flexkv"] and len(sl0.runs["flexkv"]) == 2
+    base = sl0.median("vllm", "time_to_first_token", "p50")
+    flex = sl0.median("flexkv", "time_to_first_token", "p50")
+    assert sl0.ratio("flexkv", "time_to_first_token", "p50") == pytest.approx(flex / base)
+    assert sl1.ratio("flexkv", "time_to_first_token", "p50") == pytest.approx(2 * flex / base)
+    assert sl0.tier_hits("flexkv") == {"cpu": 94, "ssd": 0, "remote": 0}  # 47 per repeat
+    goal = results.GOALS[0]
+    assert goal.met(0.39) and not goal.met(0.41) and results.GOALS[3].met(1.0) and not results.GOALS[3].met(0.99)
+    table = results.goals_table(slices)
+    row = next(line for line in table.splitlines() if line.startswith("| slice_0 |"))
+    ratio = flex / base
+    assert f"{ratio:.2f} {'✓' if ratio <= 0.4 else '✗'}" in row and "| 4% |" in row  # the slice's reuse ceiling
+    assert "94 / 0" in results.slice_table(sl0)
+    path = results.write_csv(slices, tmp_path / "r.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert {(r["slice"], r["config"], r["repeat"]) for r in rows} == {
+        (s, c, str(k)) for s in ("slice_0", "slice_1") for c in ("vllm", "flexkv") for k in range(2)}
 
 
 @pytest.mark.slow  # matplotlib import and two figures: ~2-3 s
-def test_report_only_rebuilds_table_and_plots_from_the_out_dir(tmp_path: Path) -> None:
+def test_report_only_rebuilds_tables_and_plots_from_the_out_dir(tmp_path: Path) -> None:
     out = copy_runs(tmp_path / "out")
+    (out / "slice_0" / "flexkv" / "rep_0" / "run_info.json").write_text(json.dumps({
+        "config": "flexkv", "deployment": "dynamo.vllm --connector flexkv, tier events on, 2 workers",
+        "model": "m"}))
     assert driver.main(["--report-only", "--out", str(out)]) == 0
     md = (out / "results.md").read_text()
-    assert "8 requests over 3.0 s" in md and "| TTFT | p99 | ms |" in md
-    for name in ("aiperf_summary.png", "aiperf_ttft_cdf.png"):
+    assert "8 requests over 3.0 s" in md and "## Ratios to `vllm`" in md
+    assert "- `flexkv`: dynamo.vllm --connector flexkv, tier events on, 2 workers" in md
+    for name in ("aiperf_ratios.png", "aiperf_ttft_cdf.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_says_what_the_flexkv_tiers_stored_and_served(tmp_path: Path) -> None:
-    """flexkv_status.json is what two real workers' `flexkv status` answered after a 160-request run."""
-    status = json.loads((DATA / "flexkv" / "flexkv_status.json").read_text())
-    stored = sum(w["metrics"]["stored_blocks"]["cpu"] for w in status)
-    served = sum(w["metrics"]["hit_blocks"]["cpu"] for w in status)
-    summary = driver.tier_summary(DATA / "flexkv" / "flexkv_status.json")
-    assert summary.startswith(f"{stored} blocks stored, {served} served from the tiers")
-    assert f"cpu {stored}/{served}" in summary and "ssd 0/0" in summary
-    assert driver.tier_summary(tmp_path / "absent.json") == ""
-    out = copy_runs(tmp_path / "out")
-    (out / "flexkv" / "run_info.json").write_text(json.dumps({
-        "config": "flexkv", "deployment": "deploy/single_node.sh, workers with --connector flexkv", "workers": 2,
-        "model": "tiny", "started": "2026-11-22 00:07:51"}))
-    preamble = driver.report_preamble(out)
-    assert "8 requests over 3.0 s" in preamble
-    assert "- `flexkv`: deploy/single_node.sh, workers with --connector flexkv, 2 workers" in preamble
-    assert f"FlexKV tiers over all workers: {stored} blocks stored" in preamble
-
-
-# --- the driver's arguments ----------------------------------------------------------------------
+# --- the driver's arguments and the tokenizer ------------------------------------------------------
 
 def test_flags_override_the_preset() -> None:
     args = driver.parse_args(["--launch-mocker", "--limit", "5", "--scale-time", "1/2"])
-    opts = driver.slice_options(args, "cpu")
-    assert (opts.limit, opts.scale_time) == (5, 0.5)
-    assert opts.scale_length == driver.PRESETS["cpu"].scale_length
+    opts = driver.slice_options(args, "cpu", window=2)
+    assert (opts.limit, opts.scale_time, opts.window) == (5, 0.5, 2)
+    assert opts.scale_length == driver.PRESETS["cpu"].scale_length and opts.select == "conversations"
     assert driver.slice_options(driver.parse_args(["--limit", "0"]), "cpu").limit is None
     assert driver.slice_options(driver.parse_args([]), "full") == SliceOptions()
+    quick = driver.parse_args(["--quick"])
+    assert (quick.preset, quick.slices, quick.repeats) == ("quick", 2, 2)
 
 
 def test_url_mode_takes_one_config_label(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="one running deployment"):
-        driver.main(["--url", "http://127.0.0.1:9", "--configs", "baseline,flexkv", "--out", str(tmp_path)])
+        driver.main(["--url", "http://127.0.0.1:9", "--configs", "vllm,flexkv", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown config"):
-        driver.main(["--launch-mocker", "--configs", "lmcache", "--out", str(tmp_path)])
+        driver.main(["--launch", "--configs", "lmcache", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown config"):  # the mocker has no blind mode
+        driver.main(["--launch-mocker", "--configs", "flexkv-blind", "--out", str(tmp_path)])
 
 
-def test_chat_template_is_added_only_when_missing(tmp_path: Path) -> None:
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
-    assert driver.ensure_chat_template(tmp_path) is True
-    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    assert cfg["eos_token"] == "</s>" and "message['content']" in cfg["chat_template"]
-    assert driver.ensure_chat_template(tmp_path) is False
+@pytest.mark.slow  # imports transformers in a subprocess: ~10 s
+def test_a_local_tokenizer_is_found_by_a_repo_style_name_offline(tmp_path: Path) -> None:
+    """What aiperf 0.13 needs in hash-ids mode (it refuses an absolute directory as a tokenizer): the real
+    model's tokenizer, laid out as a Hugging Face cache and loaded by name with the hub offline."""
+    from flexkv_dynamo.models import ensure_model
+
+    model_dir = ensure_model()
+    name, env = hub_tokenizer(model_dir, tmp_path / "hub")
+    assert name == f"local/{model_dir.name}" and env["HF_HUB_OFFLINE"] == "1"
+    assert hub_tokenizer(model_dir, tmp_path / "hub") == (name, env)  # same files: same snapshot
+    assert not list((tmp_path / "hub").rglob("*.safetensors"))  # the tokenizer only, never the weights
+    code = (f"from transformers import AutoTokenizer; a = AutoTokenizer.from_pretrained({name!r}); "
+            f"b = AutoTokenizer.from_pretrained({str(model_dir)!r}); s = 'The capital of France is'; "
+            "print(a(s)['input_ids'] == b(s)['input_ids'], a.chat_template == b.chat_template)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["True", "True"]
+    with pytest.raises(AiperfError, match="no tokenizer.json"):
+        hub_tokenizer(tmp_path / "hub", tmp_path / "hub2")
 
 
 # --- processes -----------------------------------------------------------------------------------
@@ -382,103 +456,52 @@ def test_stop_ends_the_whole_process_group_children_included(tmp_path: Path) -> 
     assert not _alive(child)
 
 
-FAKE_SINGLE_NODE = """#!/usr/bin/env bash
-# Stand-in for deploy/single_node.sh: records its arguments and environment, then starts a "worker"
-# in a session of its own (as the real script does with setsid) and waits.
-printf '%s\\n' "$@" > "$RECORD_DIR/args"
-echo "$ENABLE_FLEXKV" > "$RECORD_DIR/enable_flexkv"
-setsid sleep 60 &
-echo $! > "$RECORD_DIR/worker.pid"
-trap '' TERM
-wait
-"""
-
-
-@pytest.mark.parametrize("config, enabled", [("baseline", "0"), ("flexkv", "1")])
-def test_single_node_script_gets_free_ports_and_leaves_nothing_behind(tmp_path: Path, config: str,
-                                                                      enabled: str) -> None:
-    script = tmp_path / "single_node.sh"
-    script.write_text(FAKE_SINGLE_NODE)
-    opts = launch.ScriptOptions(workers=3, worker_args=("--block-size", "32"), env={"RECORD_DIR": str(tmp_path)})
-    dep = launch.start_script(config, model="/models/m", port=18999, workdir=tmp_path / "wd", options=opts,
-                              script=script)
-    try:
-        for _ in range(100):
-            if (tmp_path / "worker.pid").is_file() and (tmp_path / "worker.pid").read_text().strip():
-                break
-            time.sleep(0.05)
-        args = (tmp_path / "args").read_text().split("\n")
-        value = {flag: args[args.index(flag) + 1] for flag in ("--model", "--workers", "--http-port", "--ipc-dir",
-                                                                "--system-base-port", "--kv-events-base-port")}
-        assert (value["--model"], value["--workers"], value["--http-port"]) == ("/models/m", "3", "18999")
-        assert args[args.index("--") + 1: args.index("--") + 3] == ["--block-size", "32"]
-        assert int(value["--system-base-port"]) + 2 < 32768  # Dynamo's limit for system ports
-        assert len(value["--ipc-dir"]) < 40 and Path(value["--ipc-dir"]).is_dir()
-        assert (tmp_path / "enable_flexkv").read_text().strip() == enabled
-        worker = int((tmp_path / "worker.pid").read_text())
-        assert _alive(worker)
-    finally:
-        dep.stop(grace_s=0.5)
-    # The worker left our process group (setsid); the deployment's marker variable still finds it.
-    for _ in range(20):
-        if not _alive(worker):
-            break
-        time.sleep(0.05)
-    assert not _alive(worker)
-    assert not Path(value["--ipc-dir"]).exists()
-
-
-def test_missing_launch_script_says_what_to_use_instead(tmp_path: Path) -> None:
-    with pytest.raises(launch.DeploymentError, match="--launch-mocker"):
-        launch.start_script("flexkv", model="m", port=1, workdir=tmp_path, script=tmp_path / "nope.sh")
-
-
 # --- end to end ----------------------------------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.dynamo
 def test_driver_end_to_end_on_the_mocker(tmp_path: Path) -> None:
-    """The whole pipeline on a 4-request slice: deploy, replay, stop, report (about a minute)."""
+    """The whole pipeline on a 4-request slice, 2 repeats: deploy, replay, stop, report (about two minutes)."""
     out = tmp_path / "out"
-    port = launch.free_port()
-    cmd = [sys.executable, str(REPO_ROOT / "bench" / "aiperf_mooncake.py"), "--launch-mocker", "--limit", "4",
-           "--configs", "baseline,flexkv", "--port", str(port), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540, start_new_session=True)
+    cmd = [sys.executable, str(REPO_ROOT / "bench" / "aiperf_mooncake.py"), "--launch-mocker", "--select", "requests",
+           "--scale-length", "1/8", "--limit", "4", "--configs", "vllm,flexkv", "--repeats", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=560, start_new_session=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    runs = results.discover_runs(out)
-    assert [(r.config, r.requests, r.errors) for r in runs] == [("baseline", 4, 0), ("flexkv", 4, 0)]
-    assert all(r.stat("time_to_first_token", "p50") > 0 for r in runs)
-    assert (out / "aiperf_summary.png").is_file() and "| TTFT | p50 |" in (out / "results.md").read_text()
-    # Both configs replayed the same prepared trace, and everything started was stopped.
-    for config in ("baseline", "flexkv"):
-        info = json.loads((out / config / "run_info.json").read_text())
-        assert str(out / "trace.jsonl") in info["aiperf_command"]
-    with pytest.raises(launch.DeploymentError):
-        launch.wait_for_model(f"http://127.0.0.1:{port}", "m", timeout_s=0.2, poll_s=0.1)
-    leftovers = subprocess.run(["pgrep", "-f", f"--http-port {port}"], capture_output=True, text=True)
-    assert leftovers.stdout.strip() == "", f"frontend still running: {leftovers.stdout}"
+    [sl] = results.discover(out)
+    assert {c: [(r.requests, r.errors) for r in runs] for c, runs in sl.runs.items()} == {
+        "vllm": [(4, 0), (4, 0)], "flexkv": [(4, 0), (4, 0)]}
+    assert sl.ratio("flexkv", "time_to_first_token", "p50") > 0
+    assert (out / "aiperf_ratios.png").is_file() and "## Ratios to `vllm`" in (out / "results.md").read_text()
+    # Every run replayed the same prepared slice with aiperf's hash-ids prompts, tokenizer by repo-style name.
+    for info in out.glob("slice/*/rep_*/run_info.json"):
+        command = json.loads(info.read_text())["aiperf_command"]
+        assert str(out / "slice" / "trace.jsonl") in command
+        assert command[command.index("--tokenizer") + 1].startswith("local/")
+    leftovers = subprocess.run(["pgrep", "-f", f"--discovery-backend file.*{tmp_path}"], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == "", f"processes still running: {leftovers.stdout}"
 
 
 @pytest.mark.slow
 @pytest.mark.dynamo
 @pytest.mark.engine
-def test_driver_end_to_end_with_vllm_workers_and_flexkv(tmp_path: Path) -> None:
-    """deploy/single_node.sh with two tiny-model vLLM workers and FlexKV, a 4-request slice.
-
-    About three minutes on two busy cores, nearly all of it engine start-up: one config only (the
-    pipeline is the same for baseline, which the mocker test covers).
-    """
+def test_driver_end_to_end_with_real_workers_and_flexkv(tmp_path: Path) -> None:
+    """Two real dynamo.vllm --connector flexkv workers on the real model, a 3-request slice of one conversation
+    window (about four minutes on two busy cores, most of it engine start-up): the runs complete, the caches
+    are emptied before each repeat, and our tiers' counters are read around each run."""
     pytest.importorskip("vllm")
-
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(write_torchvision_shim(tmp_path / "shim"))}
-    cmd = [sys.executable, str(REPO_ROOT / "bench" / "aiperf_mooncake.py"), "--launch", "--limit", "4",
-           "--configs", "flexkv", "--out", str(out)]
+    shim = torchvision_shim_if_needed(tmp_path / "shim")
+    env = {**os.environ, "PYTHONPATH": shim}
+    cmd = [sys.executable, str(REPO_ROOT / "bench" / "aiperf_mooncake.py"), "--launch", "--quick", "--slices", "1",
+           "--limit", "3", "--max-input-tokens", "1024", "--max-output-tokens", "8", "--configs", "flexkv",
+           "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=590, env=env, start_new_session=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    [run] = results.discover_runs(out)
-    assert (run.config, run.requests, run.errors) == ("flexkv", 4, 0)
-    info = json.loads((out / "flexkv" / "run_info.json").read_text())
-    assert info["deployment"] == "deploy/single_node.sh, workers with --connector flexkv"
-    worker_log = (out / "flexkv" / "deploy" / "logs" / "worker_0.log").read_text()
-    assert "FlexKVConnector" in worker_log and "ENABLE_FLEXKV is off" not in worker_log
+    [sl] = results.discover(out)
+    assert [(r.requests, r.errors) for r in sl.runs["flexkv"]] == [(3, 0), (3, 0)]
+    info = json.loads((out / sl.name / "flexkv" / "rep_0" / "run_info.json").read_text())
+    assert "--connector flexkv, tier events on" in info["deployment"]
+    # Each repeat starts from empty caches (Dynamo's flush_cache empties our tiers too), so the second stores
+    # its prompts' blocks again: with the first run's blocks still there, it would store none.
+    stored = [t["stored"]["cpu"] for t in sl.tiers["flexkv"]]
+    assert stored[0] > 0 and stored[1] > 0, stored

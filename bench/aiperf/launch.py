@@ -6,15 +6,12 @@ session (process group), its output goes to a log file, and `Deployment.stop` en
 cores that workers spawn, not the children of a launch script. Every live deployment is also
 stopped at interpreter exit, whatever path the driver takes out.
 
-Two ways to get one:
-
-- `start_mocker`: ``python -m dynamo.frontend --router-mode kv`` + ``python -m dynamo.mocker`` with N
-  simulated workers. No model runs; the mocker simulates an engine's timing and its prefix cache and
-  publishes KV events to the router. Config ``flexkv`` gives each mock worker a host-memory tier
-  (``--num-host-blocks``), config ``baseline`` none: a stand-in for the real comparison, useful to
-  check the pipeline in seconds.
-- `start_script`: the project's ``deploy/single_node.sh`` (frontend + N ``dynamo.vllm`` workers, with
-  or without ``--connector flexkv``).
+`start_mocker` gives one: ``python -m dynamo.frontend --router-mode kv`` + ``python -m dynamo.mocker``
+with N simulated workers. No model runs; the mocker simulates an engine's timing and its prefix cache and
+publishes KV events to the router. Config ``flexkv`` gives each mock worker a host-memory tier
+(``--num-host-blocks``), config ``vllm`` none: a stand-in for the real comparison, useful to check the
+pipeline in seconds. Real workers (plain vLLM, FlexKV, FlexKV with its tier events off) are started by
+`flexkv_dynamo.local_cluster`.
 """
 
 from __future__ import annotations
@@ -28,7 +25,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -37,15 +33,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flexkv_dynamo.launch_args import free_port_block
-
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SINGLE_NODE_SCRIPT = REPO_ROOT / "deploy" / "single_node.sh"
 
 #: What a config name means for the mocker (host-tier blocks per worker; None: no host tier).
-MOCKER_CONFIGS = ("baseline", "flexkv")
+MOCKER_CONFIGS = ("vllm", "flexkv")
 
 
 class DeploymentError(RuntimeError):
@@ -283,48 +275,6 @@ def start_mocker(config: str, *, model_dir: str, model_name: str, port: int, wor
     dep.spawn("mocker", cmd, env)
     return dep
 
-
-
-@dataclass(frozen=True)
-class ScriptOptions:
-    workers: int = 2
-    tp: int = 1  # tensor-parallel size per worker (the script sets CUDA_VISIBLE_DEVICES from it on GPUs)
-    ready_timeout_s: float = 900.0
-    worker_args: tuple[str, ...] = ()  # extra dynamo.vllm arguments (after the script's ``--``)
-    env: Mapping[str, str] = field(default_factory=dict)  # extra environment for every process
-
-
-def start_script(config: str, *, model: str, port: int, workdir: Path, options: ScriptOptions = ScriptOptions(),
-                 script: Path = SINGLE_NODE_SCRIPT) -> Deployment:
-    """``deploy/single_node.sh`` for one config.
-
-    Workers always run with ``--connector flexkv`` (the script's command); ``baseline`` turns the
-    connector off with ``ENABLE_FLEXKV=0`` (inert: no cache, no copies, no tier events), so the
-    difference between the configs is FlexKV's tiers and nothing else. Ports are free ones, the
-    cache-service sockets live in a short private directory (a Unix socket path has 108 bytes).
-    """
-    if config not in MOCKER_CONFIGS:
-        raise ValueError(f"unknown config {config!r}: expected one of {', '.join(MOCKER_CONFIGS)}")
-    if not script.is_file():
-        raise DeploymentError(f"{script} not found: use --launch-mocker, or --url with a deployment you started")
-    workdir.mkdir(parents=True, exist_ok=True)
-    ipc_dir = Path(tempfile.mkdtemp(prefix="fkvai", dir="/tmp"))
-    env = dict(os.environ)
-    env.update(options.env)
-    env["ENABLE_FLEXKV"] = "1" if config == "flexkv" else "0"
-    n = options.workers
-    cmd = ["bash", str(script), "--model", model, "--workers", str(n), "--tp", str(options.tp),
-           "--http-host", "127.0.0.1",
-           "--http-port", str(port), "--workdir", str(workdir), "--ipc-dir", str(ipc_dir),
-           "--kv-events-base-port", str(free_port_block(n)), "--system-base-port", str(free_port_block(n)),
-           "--python", sys.executable, "--ready-timeout", f"{options.ready_timeout_s:.0f}"]
-    if options.worker_args:
-        cmd += ["--", *options.worker_args]
-    dep = Deployment(f"single-node-{config}", f"http://127.0.0.1:{port}", workdir, cleanup=[ipc_dir],
-                     cache_endpoints=[f"ipc://{ipc_dir}/flexkv_server_{i}" for i in range(n)] if config == "flexkv"
-                     else [])
-    dep.spawn("single_node", cmd, env)
-    return dep
 
 
 def flexkv_tier_metrics(endpoints: Sequence[str], timeout_s: float = 10.0) -> list[dict[str, object]]:

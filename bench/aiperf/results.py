@@ -1,13 +1,14 @@
-"""Read aiperf's artifacts for each config and compare them: one table (markdown + CSV) and PNG plots.
+"""Read aiperf's artifacts and compare configs per slice, as ratios to ``vllm``: tables (markdown, CSV), PNGs.
 
 aiperf writes, per run, ``profile_export_aiperf.json`` (each metric with its unit and avg / p50 / p90
-/ p99 ...) and ``profile_export.jsonl`` (one record per request). The driver keeps one run per config
-under ``OUT/<config>/aiperf/``; `discover_runs` finds them, so a table can be rebuilt at any time, and
-runs made on different days (a baseline deployment, then a FlexKV one) land in the same table.
+/ p99 ...) and ``profile_export.jsonl`` (one record per request). The driver keeps every run under
+``OUT/<slice>/<config>/rep_<r>/aiperf/`` (with ``tiers.json``: what our tiers served during the run);
+`discover` finds them, so the report can be rebuilt at any time, and runs made on different days (one
+deployment, then another, with ``--url``) land in the same report.
 
-The table has one row per metric and statistic, one column per config and, from the second config
-on, its change relative to the first (the baseline): negative is better for latencies, positive for
-throughput and cache reads.
+Per slice and config, a statistic is the median over the repeats; a ratio is that median over the same
+median of ``vllm`` (the baseline measured in the same run). The goals (`GOALS`) are judged on those
+ratios.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import logging
 import math
 import os
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +27,6 @@ log = logging.getLogger(__name__)
 
 SUMMARY_JSON = "profile_export_aiperf.json"
 RECORDS_JSONL = "profile_export.jsonl"
-#: Configs in this order come first in tables and plots; others follow alphabetically.
-PREFERRED_ORDER = ("baseline", "flexkv")
 
 
 class ResultsError(ValueError):
@@ -113,126 +113,197 @@ def read_ttfts(records_path: Path) -> list[float]:
     return ttfts
 
 
-def _order(config: str) -> tuple[int, str]:
-    return (PREFERRED_ORDER.index(config) if config in PREFERRED_ORDER else len(PREFERRED_ORDER), config)
+#: Configs in this order in tables and plots; the first is the baseline every ratio is taken against.
+CONFIG_ORDER = ("vllm", "flexkv", "flexkv-blind")
+BASELINE = CONFIG_ORDER[0]
+TIERS_JSON = "tiers.json"
 
-
-def discover_runs(out_dir: str | os.PathLike[str]) -> list[RunResult]:
-    """Every ``OUT/<config>/aiperf/`` with a summary, baseline first."""
-    out_dir = Path(out_dir)
-    found = sorted((p.parent.parent.name for p in out_dir.glob(f"*/aiperf/{SUMMARY_JSON}")), key=_order)
-    return [load_run(config, out_dir / config / "aiperf") for config in found]
-
-
-# --- the table -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class TableRow:
-    label: str
+class Goal:
+    key: str
     stat: str
-    unit: str
+    label: str
+    limit: float
     lower_is_better: bool
-    values: tuple[float | None, ...]
 
-    def change(self, index: int) -> float | None:
-        """Relative change of config ``index`` against config 0, or None when it cannot be computed."""
-        base, value = self.values[0], self.values[index]
-        if base is None or value is None or base == 0:
+    def met(self, ratio: float | None) -> bool | None:
+        if ratio is None:
             return None
-        return (value - base) / abs(base)
+        return ratio <= self.limit if self.lower_is_better else ratio >= self.limit
+
+    @property
+    def text(self) -> str:
+        return f"{'<=' if self.lower_is_better else '>='} {self.limit:g}"
 
 
-def comparison_rows(runs: Sequence[RunResult]) -> list[TableRow]:
-    rows = [TableRow("Requests completed", "", "requests", False, tuple(float(r.requests) for r in runs)),
-            TableRow("Request errors", "", "requests", True, tuple(float(r.errors) for r in runs))]
-    for spec in METRICS:
-        unit = next((r.units[spec.key] for r in runs if spec.key in r.units), "")
-        for stat in spec.stats:
-            values = tuple(r.stat(spec.key, stat) for r in runs)
-            if all(v is None for v in values):
-                continue
-            rows.append(TableRow(spec.label, stat, unit, spec.lower_is_better, values))
-    rows.append(TableRow("Benchmark duration", "", "s", True, tuple(r.duration_s for r in runs)))
-    return rows
+#: The project's goals for a FlexKV deployment, as ratios to plain vLLM measured in the same run.
+GOALS = (
+    Goal("time_to_first_token", "p50", "TTFT p50", 0.4, True),
+    Goal("time_to_first_token", "p90", "TTFT p90", 0.6, True),
+    Goal("inter_token_latency", "p50", "ITL p50", 1.03, True),
+    Goal("output_token_throughput", "avg", "output throughput", 1.0, False),
+)
 
 
-def _fmt(value: float | None) -> str:
+@dataclass
+class SliceRuns:
+    """Every run of one slice: config -> its repeats (in order), and the slice's description."""
+
+    name: str
+    info: dict[str, object]
+    runs: dict[str, list[RunResult]]
+    tiers: dict[str, list[dict[str, dict[str, float]]]]  # config -> per repeat: {"hit"|"stored": {tier: n}}
+
+    def configs(self) -> list[str]:
+        return sorted(self.runs, key=_order)
+
+    def median(self, config: str, key: str, stat: str) -> float | None:
+        values = [v for r in self.runs.get(config, []) if (v := r.stat(key, stat)) is not None]
+        return statistics.median(values) if values else None
+
+    def ratio(self, config: str, key: str, stat: str) -> float | None:
+        value, base = self.median(config, key, stat), self.median(BASELINE, key, stat)
+        if value is None or not base:
+            return None
+        return value / base
+
+    def ttfts(self, config: str) -> list[float]:
+        return [t for r in self.runs.get(config, []) for t in r.ttft_ms]
+
+    def tier_hits(self, config: str) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for rep in self.tiers.get(config, []):
+            for tier, n in (rep.get("hit") or {}).items():
+                total[tier] = total.get(tier, 0.0) + n
+        return total
+
+
+def _order(config: str) -> tuple[int, str]:
+    return (CONFIG_ORDER.index(config) if config in CONFIG_ORDER else len(CONFIG_ORDER), config)
+
+
+def discover(out_dir: str | os.PathLike[str]) -> list[SliceRuns]:
+    """Every ``OUT/<slice>/<config>/rep_<r>/aiperf/`` with a summary, grouped by slice (sorted by name)."""
+    out_dir = Path(out_dir)
+    slices: dict[str, SliceRuns] = {}
+    for summary in sorted(out_dir.glob(f"*/*/rep_*/aiperf/{SUMMARY_JSON}")):
+        rep_dir = summary.parent.parent
+        config, slice_dir = rep_dir.parent.name, rep_dir.parent.parent
+        sl = slices.get(slice_dir.name)
+        if sl is None:
+            info_path = slice_dir / "trace_info.json"
+            info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+            sl = slices[slice_dir.name] = SliceRuns(slice_dir.name, info, {}, {})
+        sl.runs.setdefault(config, []).append(load_run(config, summary.parent))
+        tiers = rep_dir / TIERS_JSON
+        sl.tiers.setdefault(config, []).append(json.loads(tiers.read_text()) if tiers.is_file() else {})
+    return [slices[name] for name in sorted(slices, key=_slice_key)]
+
+
+def _slice_key(name: str) -> tuple[int, str]:
+    digits = "".join(c for c in name if c.isdigit())
+    return (int(digits) if digits else 0, name)
+
+
+# --- tables --------------------------------------------------------------------------------------
+
+def _fmt(value: float | None, digits: int = 0) -> str:
     if value is None:
         return "n/a"
-    if abs(value) >= 1000 or value == int(value):
-        return f"{value:,.0f}"
-    return f"{value:.2f}" if abs(value) >= 10 else f"{value:.3g}"
+    return f"{value:,.{digits}f}"
 
 
-def _fmt_change(change: float | None) -> str:
-    return "n/a" if change is None else f"{100 * change:+.1f}%"
+def _fmt_ratio(ratio: float | None, goal: Goal | None = None) -> str:
+    if ratio is None:
+        return "n/a"
+    mark = ""
+    if goal is not None:
+        mark = " ✓" if goal.met(ratio) else " ✗"
+    return f"{ratio:.2f}{mark}"
 
 
-def _header(runs: Sequence[RunResult]) -> list[str]:
-    head = ["metric", "stat", "unit", *[r.config for r in runs]]
-    head += [f"{r.config} vs {runs[0].config}" for r in runs[1:]]
-    return head
-
-
-def to_markdown(runs: Sequence[RunResult], rows: Sequence[TableRow] | None = None) -> str:
-    rows = comparison_rows(runs) if rows is None else rows
-    head = _header(runs)
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
-    for row in rows:
-        cells = [row.label, row.stat, row.unit, *[_fmt(v) for v in row.values]]
-        cells += [_fmt_change(row.change(i)) for i in range(1, len(runs))]
+def slice_table(sl: SliceRuns) -> str:
+    """One row per config: medians over its repeats, what our tiers served, ratios to vllm with the goals."""
+    head = ["config", "runs", "requests ok/err", "TTFT p50 ms", "TTFT p90 ms", "TTFT p99 ms", "ITL p50 ms",
+            "output tok/s", "prompt cached %", "blocks from our CPU / SSD",
+            *[f"{g.label} ratio ({g.text})" for g in GOALS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for config in sl.configs():
+        runs = sl.runs[config]
+        hits = sl.tier_hits(config)
+        tiers = (f"{hits.get('cpu', 0):,.0f} / {hits.get('ssd', 0):,.0f}" if config != BASELINE else "-")
+        cells = [f"`{config}`", str(len(runs)),
+                 f"{sum(r.requests for r in runs)}/{sum(r.errors for r in runs)}",
+                 _fmt(sl.median(config, "time_to_first_token", "p50")),
+                 _fmt(sl.median(config, "time_to_first_token", "p90")),
+                 _fmt(sl.median(config, "time_to_first_token", "p99")),
+                 _fmt(sl.median(config, "inter_token_latency", "p50"), 1),
+                 _fmt(sl.median(config, "output_token_throughput", "avg"), 2),
+                 _fmt(sl.median(config, "overall_usage_prompt_cache_read_pct", "avg"), 1), tiers]
+        cells += ["1 (baseline)" if config == BASELINE else _fmt_ratio(sl.ratio(config, g.key, g.stat), g)
+                  for g in GOALS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_csv(path: str | os.PathLike[str], runs: Sequence[RunResult],
-              rows: Sequence[TableRow] | None = None) -> Path:
-    rows = comparison_rows(runs) if rows is None else rows
+def goals_table(slices: Sequence[SliceRuns]) -> str:
+    """Slice x config rows of the goal ratios: the headline."""
+    head = ["slice", "reuse ceiling", "config", *[f"{g.label} ({g.text})" for g in GOALS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for sl in slices:
+        ceiling = (sl.info.get("stats") or {}).get("block_reuse") if isinstance(sl.info, dict) else None
+        for config in sl.configs():
+            if config == BASELINE:
+                continue
+            cells = [sl.name, "n/a" if ceiling is None else f"{100 * float(ceiling):.0f}%", f"`{config}`"]
+            cells += [_fmt_ratio(sl.ratio(config, g.key, g.stat), g) for g in GOALS]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(slices: Sequence[SliceRuns], path: str | os.PathLike[str]) -> Path:
+    """Long format: one line per slice, config, repeat, metric and statistic."""
     path = Path(path)
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(_header(runs))
-        for row in rows:
-            changes = [row.change(i) for i in range(1, len(runs))]
-            writer.writerow([row.label, row.stat, row.unit,
-                             *["" if v is None else f"{v:.6g}" for v in row.values],
-                             *["" if c is None else f"{c:.6g}" for c in changes]])
+        writer.writerow(["slice", "config", "repeat", "metric", "stat", "unit", "value"])
+        for sl in slices:
+            for config in sl.configs():
+                for rep, run in enumerate(sl.runs[config]):
+                    for spec in METRICS:
+                        for stat in spec.stats:
+                            value = run.stat(spec.key, stat)
+                            if value is not None:
+                                writer.writerow([sl.name, config, rep, spec.key, stat, run.units.get(spec.key, ""),
+                                                 f"{value:.6g}"])
     return path
 
 
 # --- plots ---------------------------------------------------------------------------------------
 
-def plot_summary(runs: Sequence[RunResult], path: str | os.PathLike[str]) -> Path:
-    """Four panels: TTFT, ITL and request latency (p50/p90/p99 bars per config), output throughput."""
+def plot_ratios(slices: Sequence[SliceRuns], path: str | os.PathLike[str]) -> Path:
+    """One panel per goal: each slice's ratio to vllm for every other config, the goal as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
-    stats = ("p50", "p90", "p99")
-    width = 0.8 / max(1, len(runs))
-    for ax, (key, title) in zip(axes[:3], (("time_to_first_token", "TTFT"), ("inter_token_latency", "ITL"),
-                                           ("request_latency", "Request latency"))):
-        shown = []
-        for i, run in enumerate(runs):
-            values = [run.stat(key, s) or 0.0 for s in stats]
-            shown += [v for v in values if v > 0]
-            xs = [x + (i - (len(runs) - 1) / 2) * width for x in range(len(stats))]
-            ax.bar(xs, values, width, label=run.config)
-        ax.set_xticks(range(len(stats)), stats)
-        ax.set_title(title)
-        ax.set_ylabel("ms")
-        if shown and max(shown) > 20 * min(shown):  # tails dwarf medians: a log axis shows both
-            ax.set_yscale("log")
-            ax.set_ylabel("ms (log scale)")
-    ax = axes[3]
-    ax.bar([r.config for r in runs], [r.stat("output_token_throughput", "avg") or 0.0 for r in runs],
-           color=[f"C{i}" for i in range(len(runs))])
-    ax.set_title("Output token throughput")
-    ax.set_ylabel("tokens/s")
-    axes[0].legend()
-    fig.suptitle("aiperf on the Mooncake trace (lower latency, higher throughput is better)")
+    configs = sorted({c for sl in slices for c in sl.runs if c != BASELINE}, key=_order)
+    fig, axes = plt.subplots(1, len(GOALS), figsize=(4.2 * len(GOALS), 4))
+    width = 0.8 / max(1, len(configs))
+    for ax, goal in zip(axes, GOALS):
+        for i, config in enumerate(configs):
+            xs = [x + (i - (len(configs) - 1) / 2) * width for x in range(len(slices))]
+            ys = [sl.ratio(config, goal.key, goal.stat) or 0.0 for sl in slices]
+            ax.bar(xs, ys, width, label=config, color=f"C{i + 1}")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.axhline(goal.limit, color="red", linestyle="--", linewidth=1, label=f"goal {goal.text}")
+        ax.set_xticks(range(len(slices)), [sl.name for sl in slices])
+        ax.set_title(f"{goal.label} / vllm")
+    axes[0].set_ylabel("ratio to plain vLLM (same run)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("aiperf on Mooncake conversation slices, 2 workers behind Dynamo's KV router")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -240,28 +311,29 @@ def plot_summary(runs: Sequence[RunResult], path: str | os.PathLike[str]) -> Pat
     return path
 
 
-def plot_ttft_cdf(runs: Sequence[RunResult], path: str | os.PathLike[str]) -> Path | None:
-    """Per-request TTFT distribution of each config (None when no run kept per-request records)."""
-    if not any(r.ttft_ms for r in runs):
+def plot_ttft_cdf(slices: Sequence[SliceRuns], path: str | os.PathLike[str]) -> Path | None:
+    """Per slice, the TTFT distribution of every config (all repeats pooled)."""
+    if not any(sl.ttfts(c) for sl in slices for c in sl.runs):
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run in runs:
-        if not run.ttft_ms:
-            continue
-        xs = sorted(run.ttft_ms)
-        ys = [(i + 1) / len(xs) for i in range(len(xs))]
-        ax.step(xs, ys, where="post", label=f"{run.config} ({len(xs)} requests)")
-    ax.set_xscale("log")
-    ax.set_xlabel("time to first token (ms, log scale)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title("TTFT distribution")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(slices), figsize=(5.5 * len(slices), 4), squeeze=False)
+    for ax, sl in zip(axes[0], slices):
+        for config in sl.configs():
+            xs = sorted(sl.ttfts(config))
+            if not xs:
+                continue
+            ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post",
+                    label=f"{config} ({len(xs)} requests)", color=f"C{_order(config)[0]}")
+        ax.set_xscale("log")
+        ax.set_xlabel("time to first token (ms, log scale)")
+        ax.set_title(sl.name)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("fraction of requests")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -276,18 +348,19 @@ class Report:
     plots: tuple[Path, ...]
 
 
-def write_report(runs: Sequence[RunResult], out_dir: str | os.PathLike[str], *,
-                 preamble: str = "") -> Report:
-    """``results.md``, ``results.csv``, ``aiperf_summary.png`` and ``aiperf_ttft_cdf.png`` in ``out_dir``."""
-    if not runs:
+def write_report(slices: Sequence[SliceRuns], out_dir: str | os.PathLike[str], *, preamble: str = "") -> Report:
+    """``results.md``, ``results.csv``, ``aiperf_ratios.png`` and ``aiperf_ttft_cdf.png`` in ``out_dir``."""
+    if not slices:
         raise ResultsError(f"no aiperf results to report in {out_dir}")
     out_dir = Path(out_dir)
-    rows = comparison_rows(runs)
+    parts = [preamble, "## Ratios to `vllm` (median over repeats; ✓ meets the goal)\n", goals_table(slices)]
+    for sl in slices:
+        parts += [f"\n## {sl.name}: {sl.info.get('stats_text', '')}\n", slice_table(sl)]
     md = out_dir / "results.md"
-    md.write_text(preamble + to_markdown(runs, rows))
-    csv_path = write_csv(out_dir / "results.csv", runs, rows)
-    plots = [plot_summary(runs, out_dir / "aiperf_summary.png")]
-    cdf = plot_ttft_cdf(runs, out_dir / "aiperf_ttft_cdf.png")
+    md.write_text("\n".join(parts))
+    csv_path = write_csv(slices, out_dir / "results.csv")
+    plots = [plot_ratios(slices, out_dir / "aiperf_ratios.png")]
+    cdf = plot_ttft_cdf(slices, out_dir / "aiperf_ttft_cdf.png")
     if cdf is not None:
         plots.append(cdf)
     log.info("wrote %s, %s and %s", md, csv_path, ", ".join(str(p) for p in plots))

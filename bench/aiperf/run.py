@@ -7,19 +7,23 @@ timestamps, whatever the server's speed), and ``--isl-block-size`` when the trac
 scaled. ``ignore_eos`` makes every request generate exactly its trace's output length, so two configs
 are compared on the same work.
 
-The tokenizer is passed as a local directory; ``HF_HUB_OFFLINE`` is removed from aiperf's environment
-because with it set aiperf 0.13 takes the path for a hub repo id and fails.
+The tokenizer: aiperf 0.13's dataset workers look it up with ``snapshot_download(name,
+local_files_only=True)``, which refuses an absolute directory (``HFValidationError``: not a repo id) in
+Mooncake hash-ids mode. `hub_tokenizer` therefore lays a local tokenizer directory out as a Hugging Face
+cache (``models--local--NAME/snapshots/REV``) and names it like a repo (``local/NAME``); aiperf runs with
+``HF_HUB_CACHE`` pointing there and ``HF_HUB_OFFLINE=1``. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +50,32 @@ class AiperfRun:
     ignore_eos: bool = True
     request_timeout_s: float = 600.0
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    env: Mapping[str, str] = field(default_factory=dict)  # added to aiperf's environment (hub_tokenizer's)
+
+
+#: The files of a model directory that make its tokenizer (never the weights).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "config.json", "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def hub_tokenizer(directory: str | os.PathLike[str], hub_root: Path) -> tuple[str, dict[str, str]]:
+    """``directory``'s tokenizer as a repo-style name in a local Hugging Face cache under ``hub_root``, and
+    the environment that makes aiperf find it there. The snapshot is keyed by the files' contents."""
+    src = Path(directory)
+    files = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
+    if not any(f.name == "tokenizer.json" or f.name == "tokenizer.model" for f in files):
+        raise AiperfError(f"{src} has no tokenizer.json or tokenizer.model")
+    digest = hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:16]
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in src.name) or "model"
+    repo = hub_root / f"models--local--{name}"
+    snapshot = repo / "snapshots" / digest
+    if not snapshot.is_dir():
+        snapshot.mkdir(parents=True)
+        for f in files:
+            shutil.copyfile(f, snapshot / f.name)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(digest)
+    return f"local/{name}", {"HF_HUB_CACHE": str(hub_root), "HF_HUB_OFFLINE": "1"}
 
 
 def aiperf_command(aiperf_bin: str | os.PathLike[str], run: AiperfRun) -> list[str]:
@@ -75,6 +105,8 @@ def aiperf_command(aiperf_bin: str | os.PathLike[str], run: AiperfRun) -> list[s
 
 
 def aiperf_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Our environment for aiperf, less ``HF_HUB_OFFLINE`` (with it, aiperf takes a directory for a repo id;
+    `hub_tokenizer`'s environment sets it again for a repo-style name)."""
     env = dict(os.environ if base is None else base)
     env.pop("HF_HUB_OFFLINE", None)
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -96,6 +128,7 @@ def run_aiperf(aiperf_bin: str | os.PathLike[str], run: AiperfRun, *, log_path: 
     scratch = run.artifact_dir.parent / "aiperf_scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     env = aiperf_env()
+    env.update(run.env)
     env["AIPERF_DATASET_MMAP_BASE_PATH"] = str(scratch)
     log.info("$ %s", " ".join(_quote(a) for a in cmd))
     try:

@@ -11,13 +11,15 @@ install is redone instead of half-used.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from flexkv_dynamo.models import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +29,6 @@ _MARKER = ".complete"
 
 class AiperfVenvError(RuntimeError):
     """The aiperf virtualenv could not be built or does not work."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FLEXKV_CACHE_DIR", Path.home() / ".cache" / "flexkv-dynamo"))
 
 
 def venv_dir(requirements: Path = REQUIREMENTS) -> Path:
@@ -63,11 +61,33 @@ def ensure_aiperf_venv(requirements: Path = REQUIREMENTS) -> Path:
     if (venv / _MARKER).is_file() and aiperf_bin(venv).exists():
         log.debug("aiperf venv cached: %s", venv)
         return venv
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    # Two drivers (or checkouts) building the same venv at once would delete each other's half.
+    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (venv / _MARKER).is_file() and aiperf_bin(venv).exists():
+            return venv
+        return _build(requirements, venv)
+
+
+def _uv() -> str | None:
+    """uv, the fast installer: on PATH, or the one scripts/setup.sh installs into the stack."""
+    found = shutil.which("uv")
+    if found:
+        return found
+    try:
+        from uv import find_uv_bin
+    except ImportError:
+        return None
+    return find_uv_bin()
+
+
+def _build(requirements: Path, venv: Path) -> Path:
     log.info("building aiperf's venv in %s (about 3 minutes and 1.2 GB, once per pin file)", venv)
     shutil.rmtree(venv, ignore_errors=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
-    uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
-    if Path(uv).exists() or shutil.which("uv"):
+    uv = _uv()
+    if uv:
         _run([uv, "venv", "--quiet", "--python", _python(), str(venv)])
         _run([uv, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), "-r", str(requirements)])
     else:  # plain pip: slower, same result
