@@ -97,8 +97,9 @@ class IndexObserver(Protocol):
     def stored(self, tier: Tier, rows: Rows) -> None:
         """``rows`` just became READY in ``tier`` (in the order given to ``finish_fill``)."""
 
-    def removed(self, tier: Tier, hashes: np.ndarray) -> None:
-        """The blocks ``hashes`` (uint64) stopped being READY in ``tier``."""
+    def removed(self, tier: Tier, rows: Rows, hashes: np.ndarray) -> None:
+        """The blocks in ``rows`` (``hashes``: theirs, uint64) stopped being READY in ``tier``. The rows may
+        already be free: use ``hashes``."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,10 @@ class PrefixIndex:
     def parents(self, rows: Rows) -> Rows:
         """Each row's parent row (-1: a root)."""
         return self._parent[rows]
+
+    def parent_of(self, row: int) -> int:
+        """One row's parent row (-1: a root)."""
+        return int(self._parent[row])
 
     def parent_hashes(self, rows: Rows) -> list[int | None]:
         prow = self._parent[rows]
@@ -306,7 +311,7 @@ class PrefixIndex:
         hashes = self._hash[rows]  # rows may be freed and later reused: take the hashes first
         self._core.remove(_TI[tier], rows, out)
         if self.observer is not None:
-            self.observer.removed(tier, hashes)
+            self.observer.removed(tier, rows, hashes)
         return out
 
     def pin(self, tier: Tier, rows: Rows) -> None:

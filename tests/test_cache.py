@@ -56,9 +56,9 @@ def tokens_for(prompt: int, n_blocks: int) -> list[int]:
 def store(cache: TieredCache, engine: Engine, tokens: list[int], block_ids: list[int]) -> list[int]:
     hashes = chain_hashes(tokens, LAYOUT.block_size)
     plan = cache.reserve_store(hashes, None, tokens)
-    if plan is not None:
+    if plan.block_hashes:
         engine.copier.to_pool([block_ids[i] for i in plan.positions], plan.slots).wait()
-        cache.complete_store(plan)
+    cache.complete_store(plan)  # a no-op when there was nothing to copy
     return hashes
 
 
@@ -391,10 +391,11 @@ def test_a_second_load_joins_a_staging_in_flight(tmp_path):
         engine = Engine(cache)
         want = [engine.block(i) for i in range(4)]
         hashes = store_on_ssd_only(cache, engine, tokens_for(13, 4), [0, 1, 2, 3])
-        with cache._lock:  # holds the staging's completion back until both loads are planned
+        with cache.lock:  # holds the staging's completion back until both loads are planned
             first = cache.prepare_load(hashes[:2])  # stages blocks 0-1 from SSD
             second = cache.prepare_load(hashes)  # joins that staging for 0-1, stages 2-3 itself
-            assert cache._staging[hashes[0]] == [second] and cache._staging[hashes[3]] == []
+            rows = cache.index.find(hashes).tolist()
+            assert cache.io.staging[rows[0]] == [second] and cache.io.staging[rows[3]] == []
         assert second.block_hashes == hashes
         assert first.ready.result(timeout=10) == 2 and second.ready.result(timeout=10) == 4
         engine.wipe(range(64))
@@ -449,9 +450,9 @@ def test_staging_never_evicts_the_chain_it_is_loading(tmp_path):
         cache.evict_all(Tier.CPU)  # X only on SSD, which is full
         # Y: CPU full of CPU-only blocks. Under load that is write-back lagging behind; here we get the
         # state by holding write-back off while Y is stored.
-        ssd, cache.ssd = cache.ssd, None
+        cache.placement.has_ssd = False
         store(cache, engine, tokens_for(21, 4), [4, 5, 6, 7])
-        cache.ssd = ssd
+        cache.placement.has_ssd = True
         promised = cache.lookup(x).total
         assert promised >= 1
         engine.wipe(range(8, 12))

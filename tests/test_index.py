@@ -44,7 +44,7 @@ class Recorder:
             self.balance[(tier, h)] += 1
             assert self.balance[(tier, h)] == 1, "stored twice"
 
-    def removed(self, tier: Tier, hashes) -> None:
+    def removed(self, tier: Tier, rows, hashes) -> None:
         for h in hashes.tolist():
             self.balance[(tier, h)] -= 1
             assert self.balance[(tier, h)] == 0, "removed twice"
