@@ -333,11 +333,13 @@ class TieredCache:
         return self.tier_events.reannouncing
 
     def _continue_reannounce(self, budget_s: float) -> None:
+        """At least one chunk, then more until the walk ends or ``budget_s`` is spent."""
         deadline = time.perf_counter() + budget_s
-        done = False
-        while not done and time.perf_counter() < deadline:
+        while True:
             with self.lock:
                 done = self.tier_events.advance(REANNOUNCE_ROWS)
+            if done or time.perf_counter() >= deadline:
+                return
 
     def subscribe(self, listener: Callable[[CacheEvent], None]) -> dict[int, set[Tier]]:
         """Hand every later event to ``listener`` and return what each tier holds (block hash -> tiers).
