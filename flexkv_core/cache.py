@@ -50,10 +50,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LoadPlan", "LookupResult", "StorePlan", "TieredCache"]
 
-#: Rows one hold of the lock covers in walks over the whole index (status, resets, snapshots).
-WALK_ROWS = 2048
-#: Rows a re-announcement covers per hold of the lock (it builds events with token ids: slower per row).
-REANNOUNCE_ROWS = 64
+#: Rows one hold of the lock covers in walks over the whole index (resets, evict_all: Removed events).
+WALK_ROWS = 256
+#: Rows per hold when the distributed index's snapshot is taken (hashes copied out).
+SUBSCRIBE_ROWS = 4096
+#: Rows a re-announcement covers per hold of the lock (it copies token ids out).
+REANNOUNCE_ROWS = 32
 #: Scheduler-thread time one `take_events` call spends continuing a re-announcement.
 REANNOUNCE_BUDGET_S = 0.005
 #: Usage gauges are refreshed at most this often (and by every `stats()`).
@@ -347,17 +349,20 @@ class TieredCache:
         The snapshot is read a chunk of rows per hold of the lock while events keep flowing to the listener:
         applying the snapshot first and then the listener's events in order gives the cache's state (a Stored
         or Removed the snapshot already reflects is a no-op on a set)."""
-        held: dict[int, set[Tier]] = {}
+        parts: list[tuple[Tier, np.ndarray]] = []
 
-        def chunk(a: int, b: int) -> int:
+        def chunk(a: int, b: int) -> int:  # under the lock: copy the hashes out, nothing more
             for tier in (Tier.CPU, Tier.SSD):
-                for h in self.index.hashes(self.index.ready_rows(tier, a, b)).tolist():
-                    held.setdefault(h, set()).add(tier)
+                parts.append((tier, self.index.hashes(self.index.ready_rows(tier, a, b))))
             return 0
 
         with self.lock:
             self.events.add_listener(listener)
-        self._walk_rows(chunk, rows=512)
+        self._walk_rows(chunk, rows=SUBSCRIBE_ROWS)
+        held: dict[int, set[Tier]] = {}
+        for tier, hashes in parts:
+            for h in hashes.tolist():
+                held.setdefault(h, set()).add(tier)
         return held
 
     def unsubscribe(self, listener: Callable[[CacheEvent], None]) -> None:

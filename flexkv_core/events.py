@@ -19,6 +19,7 @@ re-announces everything the tiers hold, for a consumer that forgot us, a chunk o
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ class EventLog:
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self._events: list[CacheEvent] = []
+        self._events: list[CacheEvent | Callable[[], list[CacheEvent]]] = []
         self._listeners: list[Callable[[CacheEvent], None]] = []
         self._lock = threading.Lock()
 
@@ -82,9 +83,22 @@ class EventLog:
             for fn in self._listeners:
                 fn(event)
 
+    def emit_deferred(self, build: Callable[[], list[CacheEvent]]) -> None:
+        """Queue events that ``build`` makes when they are drained (outside the cache's lock): for bulk events
+        whose order is fixed now but whose objects are costly (re-announcement). Listeners do not see them."""
+        if self.enabled:
+            with self._lock:
+                self._events.append(build)
+
     def drain(self) -> list[CacheEvent]:
         with self._lock:
-            events, self._events = self._events, []
+            entries, self._events = self._events, []
+        events: list[CacheEvent] = []
+        for entry in entries:
+            if callable(entry):
+                events.extend(entry())
+            else:
+                events.append(entry)
         return events
 
     def __len__(self) -> int:
@@ -205,9 +219,9 @@ class TierEvents:
             # SSD copies first: a CPU block's parent is often on SSD only (a conversation's new turn).
             for t in (_SSD, _CPU):
                 held = order[index.state(_TIERS[t], order) == _READY]
-                if held.size:
-                    for event in self._stored_events(np.full(held.size, t, np.uint8), held):
-                        self.log.emit(event, listeners=False)
+                if held.size:  # the events' order is fixed now; their objects are made when drained
+                    snapshot = self._snapshot(np.full(held.size, t, np.uint8), held)
+                    self.log.emit_deferred(functools.partial(_build_stored, self.block_size, *snapshot))
         if w.cursor >= index.rows_in_use:
             self._walk = None
             return True
@@ -216,26 +230,14 @@ class TierEvents:
     # ---- building events ---------------------------------------------------------------------------
 
     def _stored_events(self, tiers: np.ndarray, rows: np.ndarray) -> list[BlockStored]:
-        """One Stored per run of entries of one tier whose blocks chain (each one's parent is the previous)."""
-        n = len(rows)
-        if n == 0:
-            return []
+        return _build_stored(self.block_size, *self._snapshot(tiers, rows))
+
+    def _snapshot(self, tiers: np.ndarray, rows: np.ndarray) -> tuple:
+        """What Stored events of these (tier, row) entries need, copied out of the index (under the lock)."""
         index = self.index
         rows = np.asarray(rows, np.int32)
         parents = index.parents(rows)
-        brk = np.ones(n, bool)
-        brk[1:] = (parents[1:] != rows[:-1]) | (tiers[1:] != tiers[:-1])
-        starts = np.flatnonzero(brk).tolist() + [n]
-        hashes = index.hashes(rows).tolist()
-        parent_hashes = index.hashes(parents).tolist()
-        tokens = self._tokens(tiers, rows)
-        first_parent = parents.tolist()
-        events = []
-        for a, b in zip(starts, starts[1:]):
-            parent = parent_hashes[a] if first_parent[a] >= 0 else None
-            events.append(BlockStored(tier=_TIERS[int(tiers[a])], block_hashes=hashes[a:b], parent_block_hash=parent,
-                                      token_ids=tokens[a:b].ravel().tolist(), block_size=self.block_size))
-        return events
+        return tiers, rows, parents, index.hashes(rows), index.hashes(parents), self._tokens(tiers, rows)
 
     def _tokens(self, tiers: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """(n, block_size) token ids: from the CPU copy where one is READY, else from the SSD manifest."""
@@ -251,3 +253,19 @@ class TierEvents:
                 raise RuntimeError(f"block {int(index.hashes(rows[i:i + 1])[0]):#x}: no token ids in the SSD manifest")
             out[i] = np.frombuffer(record, "<u4")
         return out
+
+
+def _build_stored(block_size: int, tiers: np.ndarray, rows: np.ndarray, parents: np.ndarray, hashes: np.ndarray,
+                  parent_hashes: np.ndarray, tokens: np.ndarray) -> list[BlockStored]:
+    """One Stored per run of entries of one tier whose blocks chain (each one's parent is the previous)."""
+    n = len(rows)
+    if n == 0:
+        return []
+    brk = np.ones(n, bool)
+    brk[1:] = (parents[1:] != rows[:-1]) | (tiers[1:] != tiers[:-1])
+    starts = np.flatnonzero(brk).tolist() + [n]
+    hash_list, parent_list, has_parent = hashes.tolist(), parent_hashes.tolist(), (parents >= 0).tolist()
+    return [BlockStored(tier=_TIERS[int(tiers[a])], block_hashes=hash_list[a:b],
+                        parent_block_hash=parent_list[a] if has_parent[a] else None,
+                        token_ids=tokens[a:b].ravel().tolist(), block_size=block_size)
+            for a, b in zip(starts, starts[1:])]

@@ -326,9 +326,14 @@ class PrefixIndex:
         if len(rows):
             self._core.touch(rows, hit, self.clock())
 
+    def give_back(self, tier: Tier, rows: Rows) -> None:
+        """Victims taken by `pop_victims` that the caller keeps after all: candidates again."""
+        self._core.readd(_TI[tier], rows)
+
     def pop_victims(self, tier: Tier, n: int) -> Rows:
         """Up to ``n`` evictable copies of ``tier`` in policy order, taken out of the eviction heap. The caller
-        removes them or pins them (a copy to demote first); unpinning makes a copy a candidate again."""
+        removes them, pins them (a copy to demote first: unpinning makes it a candidate again) or gives them
+        back (`give_back`)."""
         out = np.empty(max(0, n), np.int32)
         return out[:self._core.pop(_TI[tier], out)] if n > 0 else out
 

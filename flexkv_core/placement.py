@@ -97,9 +97,11 @@ class Placement:
 
     def evict(self, tier: Tier, n: int) -> int:
         """Free up to ``n`` slots of ``tier``. Only leaves are candidates, so evicting a chain's tail makes its
-        parent a candidate: go round until enough is free or nothing is left to take. Returns slots freed."""
+        parent a candidate: go round until enough is free or nothing is left to take. CPU victims without an
+        SSD copy are demoted, at most ``n`` per call (each is freed by a later call, once written): the work
+        of one call stays proportional to ``n`` even when write-back lags far behind. Returns slots freed."""
         index = self.index
-        freed = 0
+        freed = demoted = 0
         while freed < n:
             victims = index.pop_victims(tier, n - freed)
             if victims.size == 0:
@@ -108,6 +110,11 @@ class Placement:
             if tier is Tier.CPU and self.has_ssd:
                 only_copy = index.state(Tier.SSD, victims) == 0
                 demote, victims = victims[only_copy], victims[~only_copy]
+                room = max(0, n - demoted)
+                if demote.size > room:
+                    index.give_back(tier, demote[room:])
+                    demote = demote[:room]
+            progress = victims.size + demote.size
             if victims.size:
                 self.free(tier, index.remove(tier, victims))
                 self.metrics.evicted(tier, victims.size)
@@ -116,10 +123,13 @@ class Placement:
                 # Written ones are pinned until on SSD (not offered again in this loop); those SSD has no room
                 # for are dropped outright, as they would be without an SSD tier.
                 unwritten = self.write_back(demote)
+                demoted += demote.size - unwritten.size
                 if unwritten.size:
                     self.free(tier, index.remove(tier, unwritten))
                     self.metrics.evicted(tier, unwritten.size)
                     freed += unwritten.size
+            if not progress:
+                break  # the next candidates are copies to demote, and this call demoted its share
         return freed
 
     def write_back(self, rows: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ from .tiers.ssd import ReadStatus, SsdStore, WriteItem
 log = logging.getLogger(__name__)
 
 #: Blocks whose outcome one hold of the lock applies: bounds how long a completion blocks the scheduler.
-CHUNK = 128
+CHUNK = 32
 
 
 class TierIO:
@@ -85,8 +85,10 @@ class TierIO:
                         self.index.finish_fill(Tier.SSD, rows[good])
                         # The store hashed the (pinned) CPU bytes it wrote: the CPU copies' checksums, for free.
                         cpu_slots = np.asarray(job.cpu_slots[a:a + CHUNK], np.int32)[good]
-                        sums = [self._ssd_checksum(h, s) for h, s, g in zip(job.hashes[a:a + CHUNK],
-                                                                           job.ssd_slots[a:a + CHUNK], good) if g]
+                        hashes = [h for h, g in zip(job.hashes[a:a + CHUNK], good) if g]
+                        records = self.ssd.records(s for s, g in zip(job.ssd_slots[a:a + CHUNK], good) if g)
+                        sums = [r.checksum if r is not None and r.block_hash == h else None
+                                for h, r in zip(hashes, records)]
                         known = np.array([s is not None for s in sums], bool)
                         if known.any():
                             self.placement.fill_cpu(cpu_slots[known], None,
@@ -105,10 +107,6 @@ class TierIO:
             with self.lock:
                 self.pending.discard(done)
             done.set_result(None)
-
-    def _ssd_checksum(self, h: int, ssd_slot: int) -> int | None:
-        record = self.ssd.record(ssd_slot) if self.ssd is not None else None
-        return record.checksum if record is not None and record.block_hash == h else None
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for the write-backs queued so far, completions applied. True if they all finished in time."""
@@ -166,7 +164,7 @@ class TierIO:
                 if good.any():
                     # The bytes arrived, verified against the manifest's checksum: take its tokens and checksum.
                     done = chunk[good]
-                    records = [self.ssd.record(int(s)) for s in index.slots(Tier.SSD, done)]
+                    records = self.ssd.records(index.slots(Tier.SSD, done).tolist())
                     tokens = np.stack([np.frombuffer(rec.token_ids, "<u4") for rec in records])
                     placement.fill_cpu(index.slots(Tier.CPU, done), tokens,
                                        np.array([rec.checksum for rec in records], np.uint64))

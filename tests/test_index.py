@@ -298,6 +298,10 @@ class IndexMachine(RuleBasedStateMachine):
     def evict(self, tier: Tier, n: int) -> None:
         self._evict(tier, n)
 
+    @rule(tier=st.sampled_from([Tier.CPU, Tier.SSD]), n=st.integers(1, 4))
+    def take_and_give_back(self, tier: Tier, n: int) -> None:
+        self.index.give_back(tier, self.index.pop_victims(tier, n))
+
     @rule(n=st.integers(1, 4))
     def begin_write_back(self, n: int) -> None:
         todo = [b for b in self.index.blocks() if b.ready(Tier.CPU) and not b.held(Tier.SSD)][:n]

@@ -1012,6 +1012,14 @@ apply_begin(Core *c, int t, int32_t r, Py_ssize_t i, void *ctx)
 }
 
 static void
+apply_readd(Core *c, int t, int32_t r, Py_ssize_t i, void *ctx)
+{
+    if (evictable(c, t, r)) {
+        heap_add(c, &c->heap[t], r);
+    }
+}
+
+static void
 apply_finish(Core *c, int t, int32_t r, Py_ssize_t i, void *ctx)
 {
     c->state[t][r] = READY;
@@ -1116,6 +1124,7 @@ done:
 ROWS_METHOD(finish_fill, check_filling, apply_finish)
 ROWS_METHOD(pin, check_held, apply_pin)
 ROWS_METHOD(unpin, check_pinned, apply_unpin)
+ROWS_METHOD(readd, NULL, apply_readd)
 
 #define DROP_METHOD(name, check, apply)                                                    \
     static PyObject *Core_##name(Core *self, PyObject *args)                               \
@@ -1277,6 +1286,8 @@ static PyMethodDef Core_methods[] = {
     {"pin", (PyCFunction)Core_pin, METH_VARARGS, "pin(tier, rows): one more pin on held copies."},
     {"unpin", (PyCFunction)Core_unpin, METH_VARARGS, "unpin(tier, rows): one pin less."},
     {"touch", (PyCFunction)Core_touch, METH_VARARGS, touch_doc},
+    {"readd", (PyCFunction)Core_readd, METH_VARARGS,
+     "readd(tier, rows): give back copies taken by pop but kept (those still evictable rejoin the heap)."},
     {"pop", (PyCFunction)Core_pop, METH_VARARGS, pop_doc},
     {"counts", (PyCFunction)Core_counts, METH_NOARGS, counts_doc},
     {"heap_rows", (PyCFunction)Core_heap_rows, METH_O, heap_rows_doc},

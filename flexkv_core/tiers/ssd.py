@@ -303,6 +303,11 @@ class SsdStore:
         with self._lock:
             return self._records.get(slot)
 
+    def records(self, slots: Iterable[int]) -> list[SlotRecord | None]:
+        """What each of ``slots`` holds now (one acquisition of the store's lock for the batch)."""
+        with self._lock:
+            return [self._records.get(s) for s in slots]
+
     def location(self, slot: int) -> tuple[str, int]:
         """The file and byte offset of ``slot``."""
         self._check_slot(slot, "slot")
