@@ -15,9 +15,12 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 # --- 1. system packages -------------------------------------------------------------------------
 need=()
-for pkg in redis-server etcd-server etcd-client nats-server libibverbs1; do
+for pkg in redis-server etcd-server etcd-client nats-server libibverbs1 gcc; do  # gcc: flexkv_core/native
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
+# ... and the headers of the Python that builds it (a Debian python3.x needs python3.x-dev)
+"$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || need+=("$(basename "$(command -v "$PY")")-dev")
 if [ ${#need[@]} -gt 0 ]; then
   log "installing Debian packages: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -64,7 +67,7 @@ fi
 "$VENV/bin/python" - <<'PY'
 import importlib
 mods = ["torch", "vllm", "vllm._C", "dynamo.llm", "dynamo.runtime", "mooncake.engine", "nixl", "redis",
-        "pyetcd", "nats", "msgspec", "zmq", "xxhash", "flexkv_core", "flexkv_dynamo"]
+        "pyetcd", "nats", "msgspec", "zmq", "xxhash", "flexkv_core", "flexkv_core.native", "flexkv_dynamo"]
 for m in mods:
     importlib.import_module(m)
 print(f"[setup] ok: {len(mods)} modules import")

@@ -368,3 +368,13 @@ def test_pins_and_rows_reject_bad_input():
     with pytest.raises(ValueError, match="appears twice"):
         index.pin(Tier.CPU, np.array([rows[0], rows[0]], np.int32))
     index.check()
+
+
+def test_a_missing_build_says_how_to_fix_it():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['flexkv_core.native._index'] = None\n"
+            "try:\n    import flexkv_core.native\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert "is not built" in out and "scripts/setup.sh" in out and "pip install -e ." in out

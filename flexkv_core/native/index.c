@@ -23,6 +23,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#endif
 
 #define NT 2 /* tiers: 0 = CPU, 1 = SSD */
 enum { ABSENT = 0, FILLING = 1, READY = 2 };
@@ -550,10 +553,42 @@ u64_cmp(const void *a, const void *b)
 
 /* ------------------------------------------------------------------------------------------- methods */
 
+/* The hash table: zeroed, mapped lazily by the OS. Large tables ask for transparent huge pages: a lookup
+ * touches one random bucket per block, and with 4 KiB pages each would also miss the TLB. (A large table is
+ * fully touched after a few thousand blocks whatever the page size.) */
+static int32_t *
+table_alloc(size_t bytes)
+{
+#if defined(MAP_ANONYMOUS) && defined(MADV_HUGEPAGE)
+    if (bytes >= (64u << 20)) {
+        void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p != MAP_FAILED) {
+            madvise(p, bytes, MADV_HUGEPAGE);
+            return p;
+        }
+    }
+#endif
+    return calloc(bytes / sizeof(int32_t), sizeof(int32_t));
+}
+
+static void
+table_free(int32_t *table, size_t bytes)
+{
+#if defined(MAP_ANONYMOUS) && defined(MADV_HUGEPAGE)
+    if (bytes >= (64u << 20)) {
+        munmap(table, bytes);
+        return;
+    }
+#endif
+    free(table);
+}
+
 static void
 Core_dealloc(Core *self)
 {
-    free(self->table);
+    if (self->table != NULL) {
+        table_free(self->table, (self->mask + 1) * sizeof(int32_t));
+    }
     free(self->mark);
     free(self->free_rows);
     for (int t = 0; t < NT; t++) {
@@ -641,7 +676,7 @@ Core_init(Core *self, PyObject *args, PyObject *kwds)
         buckets <<= 1;
     }
     self->mask = buckets - 1;
-    self->table = calloc(buckets, sizeof(int32_t));
+    self->table = table_alloc(buckets * sizeof(int32_t));
     self->free_rows = malloc((size_t)(n > 0 ? n : 1) * sizeof(int32_t)); /* touched only as rows are freed */
     self->mark = calloc((size_t)(n > 0 ? n : 1), 1);
     for (int t = 0; t < NT; t++) {
