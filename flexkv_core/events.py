@@ -109,6 +109,8 @@ class EventLog:
 _TIERS = (Tier.CPU, Tier.SSD)
 _CPU, _SSD = 0, 1  # the index's tier numbers
 _READY = 2
+#: Rows a re-announcement step looks through for READY copies (empty rows cost a vector compare each).
+SCAN_ROWS = 8192
 
 
 @dataclass
@@ -188,15 +190,20 @@ class TierEvents:
         self._walk = _Walk(cursor=0, marked=np.zeros(self.index.max_rows, bool))
 
     def advance(self, max_rows: int) -> bool:
-        """Announce the next ``max_rows`` rows (and ancestors they need first). True when the walk is over."""
+        """Announce the next ``max_rows`` rows holding a READY copy (and the ancestors they need first),
+        skipping empty rows quickly. True when the walk is over."""
         w, index = self._walk, self.index
         if w is None:
             return True
         a = w.cursor
-        b = min(a + max_rows, index.rows_in_use)
+        end = index.rows_in_use
+        b = min(a + SCAN_ROWS, end)
         span = slice(a, b)
         ready = (index.state(Tier.CPU, span) == _READY) | (index.state(Tier.SSD, span) == _READY)
         rows = (np.flatnonzero(ready & ~w.marked[a:b]) + a).astype(np.int32)
+        if rows.size > max_rows:  # stop right after the last row announced now
+            rows = rows[:max_rows]
+            b = int(rows[-1]) + 1
         parents = index.parents(rows)
         climb = ((parents > rows) & ~w.marked[np.maximum(parents, 0)]).tolist()
         seq: list[int] = []
