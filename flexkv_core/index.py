@@ -20,12 +20,13 @@ numpy-only version still pays ~1 us per vector operation, dozens of them per cal
 * **Rows in arrays.** Each block is a *row* of preallocated numpy arrays owned here: hash, parent row, per
   tier state / slot / pins / children held, hits, and the policy key. They are sized once for the capacity
   and allocated zeroed, so the OS maps a page only when a row on it is first used, and freed rows are reused
-  before new ones: memory follows the resident blocks (about 80 B each, see bench/bench_index.py), not the
-  capacity. Queries and walks read the arrays directly (vectorised).
+  before new ones: memory follows the resident blocks (60-70 B each with the map, measured as RSS growth by
+  bench/bench_index.py), not the capacity. Queries and walks read the arrays directly (vectorised).
 * **Transitions in C.** `IndexCore` (`flexkv_core/native/index.c`, built at install) applies a batch of
   changes to those arrays in one call: per block a few dozen nanoseconds instead of a few microseconds. It
   also holds the two structures Python cannot make small: the **hash -> row map** (open addressing, 4 B per
-  bucket at load <= 0.7, keys read from the hash array; a Python dict of ints costs ~100 B per entry) and,
+  bucket at load <= 0.7, keys read from the hash array, on huge pages when large; a Python dict of ints costs
+  ~100 B per entry; a chain's lookups prefetch their buckets so the cache misses overlap) and,
   per tier, the **eviction heap** (an indexed min-heap of exactly the evictable copies: READY, unpinned, no
   child held in that tier). Every change of evictability (ready, pin, unpin, a child arriving or leaving, a
   touch) adds, discards or re-sorts that row in O(log n), so taking n victims costs O(n log N) whatever
@@ -75,10 +76,6 @@ class TierState(enum.IntEnum):
 
 
 ABSENT, FILLING, READY = TierState.ABSENT, TierState.FILLING, TierState.READY
-
-
-def tier_index(tier: Tier) -> int:
-    return _TI[tier]
 
 
 @dataclass
