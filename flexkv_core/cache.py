@@ -402,7 +402,7 @@ class TieredCache:
                 return None
             if tier is Tier.CPU:
                 return self.placement.tokens[self.index.slots(tier, rows)[0]].tolist()
-            data = self._ssd_tokens(int(self.index.slots(tier, rows)[0]))
+            (data,) = self._ssd_tokens([int(self.index.slots(tier, rows)[0])])
         return np.frombuffer(data, "<u4").tolist() if data is not None else None
 
     def close(self) -> None:
@@ -456,9 +456,9 @@ class TieredCache:
 
     # ---- internals -------------------------------------------------------------------------------
 
-    def _ssd_tokens(self, ssd_slot: int) -> bytes | None:
-        record = self.ssd.record(ssd_slot) if self.ssd is not None else None
-        return record.token_ids if record is not None else None
+    def _ssd_tokens(self, ssd_slots: list[int]) -> list[bytes | None]:
+        records = self.ssd.records(ssd_slots) if self.ssd is not None else [None] * len(ssd_slots)
+        return [r.token_ids if r is not None else None for r in records]
 
     def _recover(self, records: list[SlotRecord]) -> None:
         """Warm restart: re-index what the SSD manifest says we hold (announced parents before children)."""

@@ -128,7 +128,7 @@ class TierEvents:
     """The index's observer: READY transitions become Stored / Removed events with the blocks' token ids.
 
     Token ids come from ``cpu_tokens`` (per CPU slot, valid while a READY copy lives there) or, for a block with
-    no CPU copy, from ``ssd_tokens(ssd_slot)`` (the SSD manifest's record). Everything runs under the cache's
+    no CPU copy, from ``ssd_tokens(ssd_slots)`` (the SSD manifest's records). Everything runs under the cache's
     lock.
 
     Re-announcement (`start_reannounce`, then `advance` until it returns True): a consumer that forgot what our
@@ -145,10 +145,11 @@ class TierEvents:
         self.block_size = block_size
         self.index: PrefixIndex | None = None
         self.cpu_tokens: np.ndarray | None = None
-        self.ssd_tokens: Callable[[int], bytes | None] = lambda slot: None
+        self.ssd_tokens: Callable[[list[int]], list[bytes | None]] = lambda slots: [None] * len(slots)
         self._walk: _Walk | None = None
 
-    def bind(self, index: PrefixIndex, cpu_tokens: np.ndarray, ssd_tokens: Callable[[int], bytes | None]) -> None:
+    def bind(self, index: PrefixIndex, cpu_tokens: np.ndarray,
+             ssd_tokens: Callable[[list[int]], list[bytes | None]]) -> None:
         self.index, self.cpu_tokens, self.ssd_tokens = index, cpu_tokens, ssd_tokens
 
     # ---- IndexObserver -----------------------------------------------------------------------------
@@ -253,12 +254,13 @@ class TierEvents:
         in_cpu = index.state(Tier.CPU, rows) == _READY
         if in_cpu.any():
             out[in_cpu] = self.cpu_tokens[index.slots(Tier.CPU, rows[in_cpu])]
-        ssd_slots = index.slots(Tier.SSD, rows)
-        for i in np.flatnonzero(~in_cpu).tolist():
-            record = self.ssd_tokens(int(ssd_slots[i]))
-            if record is None or len(record) != 4 * self.block_size:
-                raise RuntimeError(f"block {int(index.hashes(rows[i:i + 1])[0]):#x}: no token ids in the SSD manifest")
-            out[i] = np.frombuffer(record, "<u4")
+        on_ssd = np.flatnonzero(~in_cpu)
+        if on_ssd.size:
+            records = self.ssd_tokens(index.slots(Tier.SSD, rows[on_ssd]).tolist())
+            for i, record in zip(on_ssd.tolist(), records):
+                if record is None or len(record) != 4 * self.block_size:
+                    raise RuntimeError(f"block {int(index.hashes(rows[i:i + 1])[0]):#x}: no token ids in the SSD manifest")
+                out[i] = np.frombuffer(record, "<u4")
         return out
 
 
