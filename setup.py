@@ -1,10 +1,14 @@
 """Build steps pyproject.toml cannot declare. Everything else about the package is in pyproject.toml.
 
-`build_hook_pth` puts the start-up hook's one-line ``flexkv_dynamo_hook.pth`` (see
-`flexkv_dynamo.dynamo_hook`) at the top level of the wheel, so that installing the project, from a wheel
-or editable, installs the hook into site-packages (``python -m dynamo.vllm --connector flexkv`` works) and
-``pip uninstall`` removes it with the rest. setuptools ships its own ``distutils-precedence.pth`` with a
-custom build step for the same reason: a wheel has no declarative way to put a file next to the packages.
+* ``ext_modules``: the compiled parts of flexkv_core (``flexkv_core/native``), built by any install of the
+  project (`bash scripts/setup.sh` runs ``uv pip install -e .``). Portable flags only: the result may run on
+  other CPUs than the one that built it (no -march=native).
+* `build_hook_pth` puts the start-up hook's one-line ``flexkv_dynamo_hook.pth`` (see
+  `flexkv_dynamo.dynamo_hook`) at the top level of the wheel, so that installing the project, from a wheel
+  or editable, installs the hook into site-packages (``python -m dynamo.vllm --connector flexkv`` works)
+  and ``pip uninstall`` removes it with the rest. setuptools ships its own ``distutils-precedence.pth``
+  with a custom build step for the same reason: a wheel has no declarative way to put a file next to the
+  packages.
 """
 
 from __future__ import annotations
@@ -12,8 +16,12 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from setuptools import Command, setup
+from setuptools import Command, Extension, setup
 from setuptools.command.build import build
+
+#: Warnings on, portable optimisation (CPUs differ between the machines that build and run this).
+C_FLAGS = ["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers",
+           "-Wno-cast-function-type"]
 
 
 def _hook_module():
@@ -61,4 +69,9 @@ class build_with_hook(build):
     sub_commands = [*build.sub_commands, ("build_hook_pth", None)]
 
 
-setup(cmdclass={"build": build_with_hook, "build_hook_pth": build_hook_pth})
+setup(
+    cmdclass={"build": build_with_hook, "build_hook_pth": build_hook_pth},
+    ext_modules=[
+        Extension("flexkv_core.native._index", ["flexkv_core/native/index.c"], extra_compile_args=C_FLAGS),
+    ],
+)

@@ -55,6 +55,7 @@ class Direction(str, enum.Enum):
     CPU_TO_SSD = "cpu_to_ssd"
     SSD_TO_CPU = "ssd_to_cpu"
     REMOTE_TO_CPU = "remote_to_cpu"
+    CPU_TO_PEER = "cpu_to_peer"  # blocks we lent: a peer read them out of our CPU slots
 
 
 TIERS = tuple(t.value for t in Tier)
@@ -226,12 +227,13 @@ class CacheMetrics:
             self._fam.checksum_failures.labels(self.instance).inc(n)
 
     def moved(self, direction: Direction | str, nbytes: int, seconds: float | None = None) -> None:
-        """One transfer of ``nbytes`` in ``direction``, taking ``seconds`` (if timed)."""
+        """One transfer of ``nbytes`` in ``direction``, taking ``seconds`` (if timed: the histogram only sees
+        timed transfers, the ``transfers`` count sees them all)."""
         d = _direction(direction)
         with self._lock:
             self._bytes[d] += nbytes
+            self._transfers[d] += 1
             if seconds is not None:
-                self._transfers[d] += 1
                 self._seconds[d] += seconds
         if self._fam is not None:
             self._fam.bytes_moved.labels(self.instance, d).inc(nbytes)

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from flexkv_core.cache import LoadPlan, StorePlan, TieredCache
 from flexkv_core.config import FlexKVConfig, configure_logging
-from flexkv_core.layout import CacheIdentity, KVLayout
+from flexkv_core.layout import CacheIdentity, KVLayout, Tier
 from flexkv_core.metrics import start_metrics_server
 
 from .kv_events import check_int_block_hashes, engine_hash_to_int, tier_events_enabled, to_vllm_events
@@ -317,11 +317,9 @@ class FlexKVScheduler:
         if len(engine_blocks) != n:
             raise RuntimeError(f"request {request.request_id}: {n} blocks to load from block {start}, but vLLM "
                                f"allocated {len(engine_blocks)} there")
-        hits_before = self.cache.metrics.snapshot()["hit_blocks"]
         plan = self.cache.prepare_load(st.hashes_upto(start + n)[start:])
-        hits_after = self.cache.metrics.snapshot()["hit_blocks"]
-        for tier in ("cpu", "ssd"):
-            self._stats.add(f"hit_tokens_{tier}", (hits_after[tier] - hits_before[tier]) * self.block_size)
+        for tier in (Tier.CPU, Tier.SSD):
+            self._stats.add(f"hit_tokens_{tier.value}", plan.tier_hits[tier] * self.block_size)
         k = len(plan.block_hashes)
         if k < n:
             log.info("request %s: %d of %d blocks vanished between lookup and load; vLLM recomputes them",

@@ -17,9 +17,12 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 # --- 1. system packages -------------------------------------------------------------------------
 need=()
-for pkg in redis-server etcd-server etcd-client nats-server libibverbs1; do
+for pkg in redis-server etcd-server etcd-client nats-server libibverbs1 gcc; do  # gcc: flexkv_core/native
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
+# ... and the headers of the Python that builds it (a Debian python3.x needs python3.x-dev)
+"$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || need+=("$(basename "$(command -v "$PY")")-dev")
 if [ ${#need[@]} -gt 0 ]; then
   log "installing Debian packages: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

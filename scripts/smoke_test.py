@@ -23,7 +23,7 @@ import sys
 #: Imported here; torch and vllm are imported by the child that loads the kernels (importing vLLM twice
 #: would double the time this takes).
 MODULES = ["dynamo.llm", "dynamo.runtime", "mooncake.engine", "nixl", "redis", "pyetcd", "nats",
-           "msgspec", "zmq", "xxhash", "flexkv_core", "flexkv_dynamo"]
+           "msgspec", "zmq", "xxhash", "flexkv_core", "flexkv_core.native", "flexkv_dynamo"]
 
 #: Run in a child interpreter: load vLLM's kernels as vLLM does, check an operator they register, and
 #: report which of vLLM's kernel libraries this process mapped.

@@ -10,6 +10,7 @@ import os
 import threading
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,9 +57,9 @@ def tokens_for(prompt: int, n_blocks: int) -> list[int]:
 def store(cache: TieredCache, engine: Engine, tokens: list[int], block_ids: list[int]) -> list[int]:
     hashes = chain_hashes(tokens, LAYOUT.block_size)
     plan = cache.reserve_store(hashes, None, tokens)
-    if plan is not None:
+    if plan.block_hashes:
         engine.copier.to_pool([block_ids[i] for i in plan.positions], plan.slots).wait()
-        cache.complete_store(plan)
+    cache.complete_store(plan)  # a no-op when there was nothing to copy
     return hashes
 
 
@@ -391,10 +392,11 @@ def test_a_second_load_joins_a_staging_in_flight(tmp_path):
         engine = Engine(cache)
         want = [engine.block(i) for i in range(4)]
         hashes = store_on_ssd_only(cache, engine, tokens_for(13, 4), [0, 1, 2, 3])
-        with cache._lock:  # holds the staging's completion back until both loads are planned
+        with cache.lock:  # holds the staging's completion back until both loads are planned
             first = cache.prepare_load(hashes[:2])  # stages blocks 0-1 from SSD
             second = cache.prepare_load(hashes)  # joins that staging for 0-1, stages 2-3 itself
-            assert cache._staging[hashes[0]] == [second] and cache._staging[hashes[3]] == []
+            rows = cache.index.find(hashes).tolist()
+            assert cache.io.staging[rows[0]] == [second] and cache.io.staging[rows[3]] == []
         assert second.block_hashes == hashes
         assert first.ready.result(timeout=10) == 2 and second.ready.result(timeout=10) == 4
         engine.wipe(range(64))
@@ -449,9 +451,9 @@ def test_staging_never_evicts_the_chain_it_is_loading(tmp_path):
         cache.evict_all(Tier.CPU)  # X only on SSD, which is full
         # Y: CPU full of CPU-only blocks. Under load that is write-back lagging behind; here we get the
         # state by holding write-back off while Y is stored.
-        ssd, cache.ssd = cache.ssd, None
+        cache.placement.has_ssd = False
         store(cache, engine, tokens_for(21, 4), [4, 5, 6, 7])
-        cache.ssd = ssd
+        cache.placement.has_ssd = True
         promised = cache.lookup(x).total
         assert promised >= 1
         engine.wipe(range(8, 12))
@@ -532,3 +534,213 @@ def test_checksums_come_free_with_ssd_writes_and_verified_fetches(tmp_path):
         assert load(a, ea, hashes, [8, 9, 10]) == 3
         assert a.remember_checksums(hashes) == 0
         assert lend(a, hashes) == slot_sums(a, hashes)
+
+
+# ---- the contract other code relies on: plans, counters -------------------------------------------------
+
+
+def test_reserve_store_always_plans_and_stops_at_the_first_block_without_room(tmp_path):
+    with make_cache(tmp_path, cpu_blocks=6) as cache:
+        engine = Engine(cache)
+        tokens = tokens_for(50, 4)
+        hashes = store(cache, engine, tokens, [0, 1, 2, 3])
+        # Everything held: a plan with nothing to copy, all four covered; completing it changes nothing.
+        plan = cache.reserve_store(hashes, None, np.asarray(tokens, np.uint32))
+        assert (plan.block_hashes, plan.slots, plan.positions, plan.covered) == ([], [], [], 4)
+        cache.complete_store(plan)
+        cache.complete_store(plan)
+        # Pin the four so nothing can be evicted: of a new chain of 5 only 2 blocks fit, the first two.
+        pinned = cache.prepare_load(hashes)
+        longer = tokens_for(51, 5)
+        plan = cache.reserve_store(chain_hashes(longer, LAYOUT.block_size), None, longer)
+        assert plan.covered == 2 and plan.positions == [0, 1]
+        engine.copier.to_pool([10, 11], plan.slots).wait()
+        cache.complete_store(plan)
+        (ev,) = [e for e in cache.take_events() if isinstance(e, BlockStored) and e.block_hashes != hashes]
+        assert ev.block_hashes == chain_hashes(longer, LAYOUT.block_size)[:2] and ev.parent_block_hash is None
+        cache.finish_load(pinned)
+        # A chain whose first block is held and second is not: covered counts the held one too.
+        mixed = tokens_for(50, 6)
+        plan = cache.reserve_store(chain_hashes(mixed, LAYOUT.block_size), None, mixed)
+        assert plan.positions[0] == 4 and plan.covered == 6
+        cache.complete_store(plan, ok=False)
+        assert_quiescent(cache)
+
+
+def test_load_plans_say_where_each_block_came_from(tmp_path):
+    with make_cache(tmp_path / "a", cpu_blocks=16, ssd_blocks=32) as a, make_cache(tmp_path / "b") as b:
+        ea = Engine(a)
+        tokens = tokens_for(52, 6)
+        hashes = store(a, ea, tokens, list(range(6)))
+        assert a.flush(timeout=10)
+        a.evict_all(Tier.CPU)
+        store(a, ea, tokens[:2 * LAYOUT.block_size], [0, 1])  # blocks 0-1 in CPU again, 2-5 on SSD only
+        plan = a.prepare_load(hashes[:4])
+        assert plan.tier_hits == {Tier.CPU: 2, Tier.SSD: 2, Tier.REMOTE: 0}
+        assert plan.ready.result(timeout=10) == 4
+        a.finish_load(plan)
+        b.remote = SameProcessPeer(a)
+        plan = b.prepare_load(hashes)
+        assert plan.tier_hits == {Tier.CPU: 0, Tier.SSD: 0, Tier.REMOTE: 6}
+        assert plan.ready.result(timeout=10) == 6
+        b.finish_load(plan)
+
+
+def test_counters_count_what_was_delivered_once(tmp_path):
+    """A checksum mismatch is a checksum failure (not an I/O error, not a hit); hits and cpu_to_engine bytes
+    count the blocks the engine copied, once per load; every transfer is counted, timed or not."""
+    slot = LAYOUT.slot_bytes
+    with make_cache(tmp_path, cpu_blocks=8, ssd_blocks=32) as cache:
+        engine = Engine(cache)
+        hashes = store_on_ssd_only(cache, engine, tokens_for(53, 4), [0, 1, 2, 3])
+        bad = cache.index.get(hashes[2]).slot_in(Tier.SSD)
+        path, offset = cache.ssd.location(bad)
+        with open(path, "r+b") as f:
+            f.seek(offset + 100)
+            f.write(b"\xff" * 64)
+        before = cache.stats()["metrics"]
+        assert load(cache, engine, hashes, [40, 41, 42, 43]) == 2
+        m = cache.stats()["metrics"]
+        assert m["checksum_failures"] - before["checksum_failures"] == 1
+        assert m["io_errors"]["ssd"] == before["io_errors"]["ssd"]
+        assert m["hit_blocks"]["ssd"] - before["hit_blocks"]["ssd"] == 2  # delivered, not the 4 planned
+        assert m["bytes_moved"]["cpu_to_engine"] - before["bytes_moved"]["cpu_to_engine"] == 2 * slot
+        assert m["transfers"]["cpu_to_engine"] - before["transfers"]["cpu_to_engine"] == 1
+        assert m["transfers"]["engine_to_cpu"] >= 1 and m["bytes_moved"]["engine_to_cpu"] == 4 * slot
+        # The engine copied only one block of a 2-block load (say its copy failed past it): one is counted.
+        plan = cache.prepare_load(hashes[:2])
+        assert plan.ready.result(timeout=10) == 2
+        cache.finish_load(plan, copied=1)
+        m2 = cache.stats()["metrics"]
+        assert m2["hit_blocks"]["cpu"] - m["hit_blocks"]["cpu"] == 1
+        assert m2["bytes_moved"]["cpu_to_engine"] - m["bytes_moved"]["cpu_to_engine"] == slot
+        # A load aborted before its staging ended delivered nothing.
+        cache.evict_all(Tier.CPU)
+        plan = cache.prepare_load(hashes[:2])
+        cache.finish_load(plan, copied=0)
+        plan.ready.result(timeout=10)
+        m3 = cache.stats()["metrics"]
+        assert m3["hit_blocks"] == m2["hit_blocks"] and m3["bytes_moved"]["cpu_to_engine"] == m2["bytes_moved"]["cpu_to_engine"]
+        assert_quiescent(cache)
+
+
+def test_lending_to_a_peer_is_its_own_direction(tmp_path):
+    with make_cache(tmp_path / "a") as a, make_cache(tmp_path / "b") as b:
+        ea, eb = Engine(a, seed=1), Engine(b, seed=2)
+        hashes = store(a, ea, tokens_for(54, 3), [0, 1, 2])
+        b.remote = SameProcessPeer(a)
+        assert load(b, eb, hashes, [5, 6, 7]) == 3
+        lender, borrower = a.stats()["metrics"], b.stats()["metrics"]
+        assert lender["bytes_moved"]["cpu_to_peer"] == 3 * LAYOUT.slot_bytes
+        assert lender["bytes_moved"]["cpu_to_engine"] == 0 and sum(lender["hit_blocks"].values()) == 0
+        assert borrower["hit_blocks"]["remote"] == 3 and borrower["bytes_moved"]["remote_to_cpu"] == 3 * LAYOUT.slot_bytes
+
+
+# ---- walks over the whole cache, a chunk per hold of the lock ----------------------------------------
+
+
+class Router:
+    """Stored/Removed per tier as Dynamo's router counts them, checking that a Stored block's parent, when the
+    cache still holds it, was announced before it."""
+
+    def __init__(self) -> None:
+        self.held: Counter = Counter()
+        self.order: dict[int, int] = {}
+
+    def feed(self, events) -> None:
+        for ev in events:
+            if isinstance(ev, CacheCleared):
+                continue
+            sign = 1 if isinstance(ev, BlockStored) else -1
+            for h in ev.block_hashes:
+                self.held[(ev.tier, h)] += sign
+                assert self.held[(ev.tier, h)] in (0, 1), f"unbalanced {ev}"
+                self.order.setdefault(h, len(self.order))
+            if isinstance(ev, BlockStored) and ev.parent_block_hash is not None:
+                p = ev.parent_block_hash
+                assert p in self.order or not any(self.held[(t, p)] for t in Tier), "child announced before its parent"
+
+    def tiers(self, tier: Tier) -> set[int]:
+        return {h for (t, h), n in self.held.items() if t is tier and n}
+
+
+def test_reannouncement_in_chunks_stays_exact_while_the_cache_changes(tmp_path, monkeypatch):
+    import flexkv_core.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "REANNOUNCE_ROWS", 3)
+    monkeypatch.setattr(cache_module, "REANNOUNCE_BUDGET_S", 0.0)
+    with make_cache(tmp_path, cpu_blocks=12, ssd_blocks=48, evict_ratio=0.1) as cache:
+        engine = Engine(cache)
+        for p in range(8):
+            store(cache, engine, tokens_for(60 + p, 4), [0, 1, 2, 3])
+            cache.flush(timeout=10)
+        cache.take_events()
+        router = Router()
+        router.feed(cache.reannounce())
+        rounds = 0
+        while cache.reannouncing():
+            # Changes keep coming between chunks: new stores (evicting, demoting), loads staging from SSD.
+            p = 70 + rounds
+            store(cache, engine, tokens_for(p, 3), [0, 1, 2])
+            if rounds % 3 == 0:
+                load(cache, engine, chain_hashes(tokens_for(60 + rounds % 8, 4), LAYOUT.block_size), [8, 9, 10, 11])
+            router.feed(cache.take_events())
+            rounds += 1
+        assert rounds > 3, "the walk was not chunked"
+        cache.flush(timeout=10)
+        router.feed(cache.take_events())
+        for tier in (Tier.CPU, Tier.SSD):
+            assert router.tiers(tier) == {b.hash for b in cache.index.blocks() if b.ready(tier)}
+        assert_quiescent(cache)
+
+
+def test_subscribe_snapshot_plus_events_gives_the_state(tmp_path, monkeypatch):
+    import flexkv_core.cache as cache_module
+
+    with make_cache(tmp_path, cpu_blocks=12, ssd_blocks=48) as cache:
+        engine = Engine(cache)
+        for p in range(6):
+            store(cache, engine, tokens_for(80 + p, 3), [0, 1, 2])
+        queued: list = []
+        walk = cache._walk_rows
+
+        def walk_with_changes(fn, rows=cache_module.WALK_ROWS):  # a store between every chunk of 2 rows
+            def chunk(a, b):
+                store(cache, engine, tokens_for(90 + a, 2), [5, 6])
+                return fn(a, b)
+            return walk(chunk, rows=2)
+
+        monkeypatch.setattr(cache, "_walk_rows", walk_with_changes)
+        held = {h: set(t) for h, t in cache.subscribe(queued.append).items()}
+        cache.flush(timeout=10)
+        for ev in queued:  # what the distributed node does: the snapshot first, then the events in order
+            if isinstance(ev, BlockStored):
+                for h in ev.block_hashes:
+                    held.setdefault(h, set()).add(ev.tier)
+            elif isinstance(ev, BlockRemoved):
+                for h in ev.block_hashes:
+                    held.get(h, set()).discard(ev.tier)
+        for tier in (Tier.CPU, Tier.SSD):
+            assert {h for h, t in held.items() if tier in t} == {b.hash for b in cache.index.blocks() if b.ready(tier)}
+
+
+def test_reannouncement_announces_a_parent_before_a_child_on_an_earlier_row(tmp_path, monkeypatch):
+    """Rows are reused: a chain's first block may sit on a later row than its second one. The walk, which goes
+    by rows, must announce that parent first anyway (a router drops a block whose parent it does not know)."""
+    import flexkv_core.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "REANNOUNCE_ROWS", 1)
+    with make_cache(tmp_path, cpu_blocks=8) as cache:
+        engine = Engine(cache)
+        store(cache, engine, tokens_for(100, 1), [0])  # row 0
+        store(cache, engine, tokens_for(101, 1), [1])  # row 1
+        cache.evict_all(Tier.CPU)  # rows 0 then 1 freed: the next block takes row 1, the one after row 0
+        hashes = store(cache, engine, tokens_for(102, 2), [2, 3])
+        assert cache.index.find(hashes).tolist() == [1, 0]
+        cache.take_events()
+        router = Router()
+        router.feed(cache.reannounce())
+        while cache.reannouncing():
+            router.feed(cache.take_events())
+        assert router.tiers(Tier.CPU) == set(hashes)
+        assert list(router.order) == hashes

@@ -22,6 +22,7 @@ from flexkv_core.tiers.manifest import SlotRecord
 from flexkv_core.tiers.ssd import (
     LOCK_NAME,
     MANIFEST_NAME,
+    ReadStatus,
     SsdDirInUse,
     SsdDirUnusable,
     SsdNoSpace,
@@ -64,10 +65,16 @@ def write_slots(store: SsdStore, slots: list[int], seed: int = 0, buffers=None) 
 
 
 def read_slots(store: SsdStore, slots: list[int], buffers=None) -> tuple[list[bool], list[bytes]]:
+    """Each slot's success (its ReadStatus is OK) and the bytes read."""
+    ok, data = read_statuses(store, slots, buffers)
+    return [bool(s) for s in ok], data
+
+
+def read_statuses(store: SsdStore, slots: list[int], buffers=None) -> tuple[list[ReadStatus], list[bytes]]:
     if buffers is None:
         buffers = [aligned(store.slot_bytes) for _ in slots]
-    ok = store.read(list(zip(slots, buffers, strict=True))).result(timeout=30)
-    return ok, [bytes(b) for b in buffers]
+    statuses = store.read(list(zip(slots, buffers, strict=True))).result(timeout=30)
+    return statuses, [bytes(b) for b in buffers]
 
 
 def expected_record(slot: int) -> tuple:
@@ -246,8 +253,8 @@ def test_unwritten_and_forgotten_slots_read_false(tmp_path):
         assert write_slots(store, [1, 2]) == [True, True]
         store.forget([2])
         assert store.record(2) is None
-        ok, _ = read_slots(store, [0, 1, 2])
-        assert ok == [False, True, False]
+        ok, _ = read_statuses(store, [0, 1, 2])
+        assert ok == [ReadStatus.MISSING, ReadStatus.OK, ReadStatus.MISSING]
 
 
 def test_corrupted_slot_fails_exactly_that_item(tmp_path):
@@ -258,8 +265,8 @@ def test_corrupted_slot_fails_exactly_that_item(tmp_path):
         os.pwrite(fd, b"\xff\x00\xff", offset + 100)
         os.fsync(fd)
         os.close(fd)
-        ok, data = read_slots(store, [0, 1, 2, 3])  # one coalesced read
-        assert ok == [True, True, False, True]
+        ok, data = read_statuses(store, [0, 1, 2, 3])  # one coalesced read
+        assert ok == [ReadStatus.OK, ReadStatus.OK, ReadStatus.CHECKSUM, ReadStatus.OK]
         assert [data[i] for i in (0, 1, 3)] == [slot_data(s, store.slot_bytes) for s in (0, 1, 3)]
         assert store.stats().checksum_mismatches == 1
 

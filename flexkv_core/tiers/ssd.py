@@ -18,6 +18,7 @@ Each directory is owned by one process at a time (``flock`` on ``<dir>/.flexkv.l
 from __future__ import annotations
 
 import concurrent.futures
+import enum
 import errno
 import fcntl
 import logging
@@ -44,8 +45,8 @@ from .manifest import (
 )
 
 __all__ = [
-    "SlotRecord", "SsdDirInUse", "SsdDirUnusable", "SsdNoSpace", "SsdStats", "SsdStore", "SsdStoreError",
-    "WriteItem",
+    "ReadStatus", "SlotRecord", "SsdDirInUse", "SsdDirUnusable", "SsdNoSpace", "SsdStats", "SsdStore",
+    "SsdStoreError", "WriteItem",
 ]
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,18 @@ class WriteItem:
     buffer: Buffer
 
 
+class ReadStatus(enum.Enum):
+    """What a read did for one slot. Only OK is true: ``all(statuses)`` means every slot arrived intact."""
+
+    OK = "ok"
+    MISSING = "missing"  # the slot holds no record (never written, or forgotten)
+    IO_ERROR = "io_error"  # the read failed or came up short
+    CHECKSUM = "checksum"  # read, but the bytes do not match the checksum taken when they were written
+
+    def __bool__(self) -> bool:
+        return self is ReadStatus.OK
+
+
 @dataclass(frozen=True)
 class SsdStats:
     """Counters since open (a snapshot)."""
@@ -142,11 +155,13 @@ class _Run:
 class _Batch:
     """One write()/read() call: per-item results, completed when its last run is done."""
 
-    def __init__(self, buffers: list[memoryview], n_runs: int, on_complete: Callable[[_Batch], None]) -> None:
+    def __init__(self, buffers: list[memoryview], n_runs: int, on_complete: Callable[[_Batch], None],
+                 initial: list | None = None) -> None:
         self.buffers = buffers
-        self.ok = [False] * len(buffers)
+        # Per item: writes start False and become True; reads start with why they failed (ReadStatus).
+        self.ok: list = [False] * len(buffers) if initial is None else initial
         self.checksums = [0] * len(buffers)
-        self.future: concurrent.futures.Future[list[bool]] = concurrent.futures.Future()
+        self.future: concurrent.futures.Future[list] = concurrent.futures.Future()
         self.future.set_running_or_notify_cancel()  # queued I/O cannot be cancelled
         self._remaining = n_runs
         self._lock = threading.Lock()
@@ -288,6 +303,11 @@ class SsdStore:
         with self._lock:
             return self._records.get(slot)
 
+    def records(self, slots: Iterable[int]) -> list[SlotRecord | None]:
+        """What each of ``slots`` holds now (one acquisition of the store's lock for the batch)."""
+        with self._lock:
+            return [self._records.get(s) for s in slots]
+
     def location(self, slot: int) -> tuple[str, int]:
         """The file and byte offset of ``slot``."""
         self._check_slot(slot, "slot")
@@ -331,8 +351,9 @@ class SsdStore:
         self._submit(self._write_run, batch, runs)
         return batch.future
 
-    def read(self, items: Sequence[tuple[int, Buffer]]) -> concurrent.futures.Future[list[bool]]:
-        """Read whole slots into the buffers; an item is True only if its bytes match its checksum."""
+    def read(self, items: Sequence[tuple[int, Buffer]]) -> concurrent.futures.Future[list[ReadStatus]]:
+        """Read whole slots into the buffers; the future gives each item's `ReadStatus` (OK only if its bytes
+        match the checksum taken when they were written)."""
         self._check_open()
         buffers: list[memoryview] = []
         slots: list[int] = []
@@ -351,7 +372,8 @@ class SsdStore:
             with self._lock:
                 self._stats = _bump(self._stats, read_failures=len(slots) - len(present))
         runs = self._plan(slots, present)
-        batch = _Batch(buffers, len(runs), lambda b: None)
+        initial = [ReadStatus.IO_ERROR if rec is not None else ReadStatus.MISSING for rec in expected]
+        batch = _Batch(buffers, len(runs), lambda b: None, initial)
         batch.checksums = [rec.checksum if rec is not None else 0 for rec in expected]
         self._submit(self._read_run, batch, runs, slots)
         return batch.future
@@ -481,8 +503,9 @@ class SsdStore:
                 if i not in done:
                     continue
                 if xxhash.xxh3_64_intdigest(batch.buffers[i]) == batch.checksums[i]:
-                    batch.ok[i] = True
+                    batch.ok[i] = ReadStatus.OK
                 else:
+                    batch.ok[i] = ReadStatus.CHECKSUM
                     mismatches += 1
                     path, offset = self.location(slots[i])
                     logger.warning("SSD slot %d (%s at byte %d) fails its checksum: treating it as missing",
