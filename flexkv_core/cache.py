@@ -47,12 +47,17 @@ __all__ = ["TieredCache", "LookupResult", "StorePlan", "LoadPlan"]
 
 @dataclass
 class StorePlan:
-    """Blocks the engine must copy into CPU slots before `complete_store`."""
+    """Blocks the engine must copy into CPU slots before `complete_store` (possibly none: then there is
+    nothing to copy, and `complete_store` of it does nothing)."""
 
     job_id: int
     block_hashes: list[int]
     slots: list[int]
     positions: list[int]  # index of each block in the chain given to reserve_store
+    #: How many leading blocks of the chain given to reserve_store the CPU tier now holds or has reserved
+    #: (this plan's included): the chain is whole up to there, and stops at the first block it could not
+    #: take. 0 when the chain's parent is in none of our tiers: blocks chained onto it would be unreachable.
+    covered: int = 0
 
 
 @dataclass
@@ -63,6 +68,8 @@ class LoadPlan:
     block_hashes: list[int]
     slots: list[int]
     ready: Future = field(default_factory=Future)
+    #: Blocks of this plan per tier they are served from (SSD: staged through CPU; REMOTE: fetched).
+    tier_hits: dict[Tier, int] = field(default_factory=dict)
     _pinned: list[int] = field(default_factory=list, repr=False)  # hashes whose CPU copy this plan pins
     _scratch: list[int] = field(default_factory=list, repr=False)  # CPU slots of fetched blocks not indexed
     _parts: int = field(default=0, repr=False)  # asynchronous parts (SSD staging, remote fetch) running
@@ -141,12 +148,16 @@ class TieredCache:
     # ---- stores ----------------------------------------------------------------------------------
 
     def reserve_store(self, block_hashes: Sequence[int], parent_hash: int | None,
-                      token_ids: Sequence[int]) -> StorePlan | None:
+                      token_ids: Sequence[int]) -> StorePlan:
+        """Reserve CPU slots for the leading blocks of a chain that the CPU tier does not hold yet, up to
+        the first block it cannot take (see `StorePlan.covered`). Always returns a plan, possibly empty."""
         bs = self.block_size
         if len(token_ids) < len(block_hashes) * bs:
             raise ValueError(f"{len(block_hashes)} blocks need {len(block_hashes) * bs} token ids, "
                              f"got {len(token_ids)}")
         with self._lock:
+            if parent_hash is not None and not self._holds(parent_hash):
+                return StorePlan(0, [], [], [], covered=0)  # its parent is gone: nothing would chain
             wanted: list[tuple[int, int, int | None]] = []  # (position, hash, parent)
             prev = parent_hash
             for i, h in enumerate(block_hashes):
@@ -156,32 +167,62 @@ class TieredCache:
                 else:
                     wanted.append((i, h, prev))
                 prev = h
-            if not wanted:
-                return None
-            slots = self._allocate(Tier.CPU, len(wanted))
-            if not slots:
-                return None
+            # Making room may evict: pin the copies our new blocks will chain onto meanwhile (those not
+            # reserved here themselves), so the chain cannot lose a parent on the way.
+            guard: list[tuple[Tier, int]] = []
+            for _, _, parent in wanted:
+                b = self.index.get(parent) if parent is not None else None
+                for tier in (Tier.CPU, Tier.SSD):
+                    if b is not None and b.ready(tier):
+                        self.index.pin(tier, parent)
+                        guard.append((tier, parent))
+            slots = self._allocate(Tier.CPU, len(wanted)) if wanted else []
+            covered = len(block_hashes) if len(slots) == len(wanted) else wanted[len(slots)][0]
             wanted = wanted[:len(slots)]
             for (i, h, parent), slot in zip(wanted, slots):
                 self.index.begin_fill(Tier.CPU, h, slot, parent=parent,
                                       tokens=tokens_to_bytes(token_ids[i * bs:(i + 1) * bs]))
-            plan = StorePlan(next(self._jobs), [h for _, h, _ in wanted], slots, [i for i, _, _ in wanted])
+            for tier, h in guard:
+                self.index.unpin(tier, h)
+            if not wanted:
+                return StorePlan(0, [], [], [], covered=covered)
+            plan = StorePlan(next(self._jobs), [h for _, h, _ in wanted], slots, [i for i, _, _ in wanted],
+                             covered=covered)
             self._stores[plan.job_id] = plan
             return plan
 
-    def complete_store(self, plan: StorePlan, ok: bool = True) -> None:
-        """The engine finished copying ``plan`` (``ok``) or gave up: publish or roll back."""
+    def _holds(self, h: int) -> bool:
+        """Is block ``h`` in (or on its way to) one of our tiers?"""
+        b = self.index.get(h)
+        return b is not None and (b.held(Tier.CPU) or b.held(Tier.SSD))
+
+    def complete_store(self, plan: StorePlan, ok: bool = True) -> int:
+        """The engine finished copying ``plan`` (``ok``) or gave up: publish or roll back. A block is
+        published only if its parent is in one of our tiers by then (another job storing the parent may
+        have failed): it and the rest of the plan are rolled back otherwise, so no announced block lacks
+        its parent. Returns how many leading blocks of the plan were published."""
+        if not plan.block_hashes:
+            return 0
         with self._lock:
             if self._stores.pop(plan.job_id, None) is None:
                 raise ValueError(f"store job {plan.job_id} is not pending")
+            good = 0
             if ok:
-                self.index.finish_fill(Tier.CPU, plan.block_hashes)
-                self.metrics.stored(Tier.CPU, len(plan.block_hashes))
-                self.metrics.moved("engine_to_cpu", len(plan.block_hashes) * self.layout.slot_bytes)
-                self._write_back([self.index.get(h) for h in plan.block_hashes])
-            else:
-                self._alloc[Tier.CPU].free(self.index.abort_fill(Tier.CPU, plan.block_hashes))
+                for h in plan.block_hashes:
+                    parent = self.index.get(h).parent
+                    if parent is not None and not self._holds(parent):
+                        break
+                    good += 1
+            published, dropped = plan.block_hashes[:good], plan.block_hashes[good:]
+            if published:
+                self.index.finish_fill(Tier.CPU, published)
+                self.metrics.stored(Tier.CPU, len(published))
+                self.metrics.moved("engine_to_cpu", len(published) * self.layout.slot_bytes)
+                self._write_back([self.index.get(h) for h in published])
+            if dropped:
+                self._alloc[Tier.CPU].free(self.index.abort_fill(Tier.CPU, dropped))
             self._publish_usage()
+            return good
 
     # ---- loads -----------------------------------------------------------------------------------
 
@@ -241,9 +282,10 @@ class TieredCache:
                 fetch = rest[:len(plan._scratch)]
             plan.block_hashes = [b.hash for b in chain] + fetch
             plan.slots = [b.slot_in(Tier.CPU) for b in chain] + list(plan._scratch)
-            self.metrics.hit(Tier.CPU, len(chain) - len(missing) - len(joined))
-            self.metrics.hit(Tier.SSD, len(missing) + len(joined))
-            self.metrics.hit(Tier.REMOTE, len(fetch))
+            plan.tier_hits = {Tier.CPU: len(chain) - len(missing) - len(joined),
+                              Tier.SSD: len(missing) + len(joined), Tier.REMOTE: len(fetch)}
+            for tier, n in plan.tier_hits.items():
+                self.metrics.hit(tier, n)
             plan._parts = bool(missing) + bool(fetch) + len(joined)
             if not plan._parts:
                 plan.ready.set_result(len(chain))
