@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,10 @@ class WrongLoad:
 class StepOutput:
     finished: dict[str, list[int]] = field(default_factory=dict)  # request id -> its output tokens
     scheduled: int = 0  # tokens scheduled this step
+    schedule_s: float = 0.0  # vLLM's schedule() (our build_connector_meta and lookups included)
+    update_s: float = 0.0  # vLLM's update_from_output() (our completions and events included)
+    schedule_cpu_s: float = 0.0  # the same, CPU time of this thread
+    update_cpu_s: float = 0.0
 
 
 class DryEngine:
@@ -120,7 +125,8 @@ class DryEngine:
         self.env = env
         vllm_config = VllmConfig(
             model_config=ModelConfig(model=model_dir, dtype="float32", seed=0, max_model_len=max_model_len),
-            scheduler_config=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            scheduler_config=SchedulerConfig(max_num_seqs=min(max_num_seqs, max_num_batched_tokens),
+                                             max_num_batched_tokens=max_num_batched_tokens,
                                              max_model_len=max_model_len, enable_chunked_prefill=True,
                                              is_encoder_decoder=False),
             cache_config=CacheConfig(block_size=block_size, enable_prefix_caching=True, cache_dtype="auto"),
@@ -200,10 +206,15 @@ class DryEngine:
         result = StepOutput()
         if not self.scheduler.has_requests():
             return result
+        t0, c0 = time.perf_counter(), time.thread_time()
         output = self.scheduler.schedule()
+        result.schedule_s, result.schedule_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
         result.scheduled = output.total_num_scheduled_tokens
         runner_output = self._run(output)
-        for outs in self.scheduler.update_from_output(output, runner_output).values():
+        t0, c0 = time.perf_counter(), time.thread_time()
+        engine_outputs = self.scheduler.update_from_output(output, runner_output)
+        result.update_s, result.update_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
+        for outs in engine_outputs.values():
             for out in outs.outputs:  # what the engine hands the front end: new tokens, finish reasons
                 tokens = self._outputs.setdefault(out.request_id, [])
                 tokens.extend(out.new_token_ids)
