@@ -99,10 +99,10 @@ class FlexKVConnector(KVConnectorBase_V1):
         self.failures = CallbackFailures("scheduler" if role == KVConnectorRole.SCHEDULER else "worker")
         #: Test-only fault injection (FLEXKV_TEST_FAULTS=1 where the connector is built), else None.
         self.faults = FaultInjector.from_env()
-        # Worker side: the blocks of each load handed to the worker and not yet reported finished, and of
-        # those reported this step: what get_block_ids_with_load_errors answers if it fails.
-        self._load_blocks: dict[str, list[int]] = {}
-        self._due_blocks: set[int] = set()
+        # Worker side: the job and blocks of each load handed to the worker and not yet reported finished,
+        # and of those reported this step: what get_block_ids_with_load_errors answers if it fails.
+        self._loads_out: dict[str, tuple[int, list[int]]] = {}
+        self._due: list[tuple[int, list[int]]] = []
         if not self.enabled:
             log.info("ENABLE_FLEXKV is off: the FlexKV connector does nothing")
         elif role == KVConnectorRole.SCHEDULER:
@@ -150,7 +150,7 @@ class FlexKVConnector(KVConnectorBase_V1):
         try:
             meta = self._meta()
             for job in meta.loads:
-                self._load_blocks[job.req_id] = job.block_ids + job.failed_block_ids
+                self._loads_out[job.req_id] = (job.job_id, job.block_ids + job.failed_block_ids)
             self._point("start_load_kv")
             self.worker_side.start_loads(meta)
         except Exception as exc:  # noqa: BLE001
@@ -189,24 +189,29 @@ class FlexKVConnector(KVConnectorBase_V1):
             self._point("get_finished")
             recving = self.worker_side.take_finished_loads()
         except Exception as exc:  # noqa: BLE001
-            self.failures.record("get_finished", self._load_blocks, exc,
+            self.failures.record("get_finished", self._loads_out, exc,
                                  "every running load waited for and ended as load errors (recomputed)")
             recving = self._quietly("abandon the loads", self.worker_side.abandon_loads) or set()
         for req_id in recving:
-            self._due_blocks.update(self._load_blocks.pop(req_id, ()))
+            if req_id in self._loads_out:
+                self._due.append(self._loads_out.pop(req_id))
         return None, recving
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         if self.worker_side is None:
             return set()
-        due, self._due_blocks = self._due_blocks, set()
+        due, self._due = self._due, []
         try:
             self._point("get_block_ids_with_load_errors")
             return self.worker_side.take_load_errors()
         except Exception as exc:  # noqa: BLE001 - errors must not be lost: vLLM would use unloaded blocks
+            blocks = {block for _, job_blocks in due for block in job_blocks}
             self.failures.record("get_block_ids_with_load_errors", (), exc,
-                                 f"all {len(due)} blocks of the loads finished this step as load errors")
-            return due
+                                 f"all {len(blocks)} blocks of the loads finished this step as load errors")
+            # The scheduler must learn that those loads failed too (it then offers those requests no hit).
+            worker = self.worker_side
+            self._quietly("report the loads failed", lambda: worker.report_failed([job for job, _ in due]))
+            return blocks
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         if self.worker_side is None:

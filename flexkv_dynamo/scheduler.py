@@ -43,6 +43,8 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vllm.distributed.kv_events import AllBlocksCleared
+
 from flexkv_core.cache import LoadPlan, StorePlan, TieredCache
 from flexkv_core.config import FlexKVConfig, configure_logging
 from flexkv_core.layout import CacheIdentity, KVLayout, Tier
@@ -147,6 +149,7 @@ class _Request:
     lookup_start: int = 0  # first block of the last lookup (vLLM's block-aligned local hit)
     lookup_blocks: int = 0  # blocks that lookup found
     looked_up: bool = False  # a lookup happened since the last allocation (counts lookup_tokens once)
+    no_loads: bool = False  # a load of it failed: no more hits for it (vLLM asks again after a failure)
 
     def int_hashes(self, n: int) -> list[int]:
         """The list of converted hashes, holding at least the first ``min(n, known)`` of them. It is the
@@ -282,6 +285,10 @@ class FlexKVScheduler:
         st.lookup_start, st.lookup_blocks, st.looked_up = start, 0, True
         if request.request_id in self._load_of:
             return 0, False  # a load of ours is still in flight for it: never plan a second one
+        if st.no_loads:
+            # One of its loads failed and vLLM is recomputing: were the failure to repeat (a fault that
+            # persists), offering the hit again would loop the request through failing loads forever.
+            return 0, False
         hashes = st.int_hashes(len(request.block_hashes))
         if start >= len(hashes):
             return 0, False
@@ -360,6 +367,11 @@ class FlexKVScheduler:
         load = _Load(req_id, next(self._own_job_ids), None, [], list(engine_blocks))
         self._waiting_loads[req_id] = self._load_of[req_id] = load
 
+    def _no_more_loads(self, req_id: str) -> None:
+        st = self._requests.get(req_id)
+        if st is not None:
+            st.no_loads = True
+
     def _release(self, load: _Load) -> None:
         """Give the load's plan back to the cache (unpins; safe while staging runs)."""
         plan, load.plan, load.staging = load.plan, None, None
@@ -389,6 +401,7 @@ class FlexKVScheduler:
         failed = load.block_ids[usable:] + load.missing_block_ids
         if failed and not load.cancelled:
             self._stats.add("load_error_blocks", len(failed))
+            self._no_more_loads(load.req_id)
         load.pending_workers = self.num_workers
         self._loads[load.job_id] = load
         slots = load.plan.slots[:usable] if load.plan is not None else []
@@ -397,20 +410,24 @@ class FlexKVScheduler:
     # ---- stores --------------------------------------------------------------------------------------
 
     def _store_jobs(self, scheduler_output: SchedulerOutput) -> list[StoreJob]:
-        computed: dict[str, int] = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
-        cached = scheduler_output.scheduled_cached_reqs
-        computed.update(zip(cached.req_ids, cached.num_computed_tokens))
+        # This loop visits every running request on every step: keep it to a few operations each.
+        # vLLM advances num_computed_tokens only after building the metadata (as its offloading
+        # connector relies on too), so computed + scheduled is what the step leaves computed.
         jobs = []
         bs = self.block_size
+        requests = self._requests
         for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
-            st = self._requests.get(req_id)
-            if st is None or req_id not in computed:
+            st = requests.get(req_id)
+            if st is None:
                 continue
-            # Blocks complete once this step ran. Capped by the known hashes: a speculative or not yet
-            # sampled token has no hash, and a block holding one must not be stored.
-            full = min((computed[req_id] + num_scheduled) // bs, len(st.request.block_hashes))
+            full = (st.request.num_computed_tokens + num_scheduled) // bs
             if full <= st.stored_upto or full <= st.store_tried_at:
                 continue  # nothing completed since we stored (or last tried to)
+            # Capped by the known hashes: a speculative or not yet sampled token has no hash, and a block
+            # holding one must not be stored.
+            full = min(full, len(st.request.block_hashes))
+            if full <= st.stored_upto or full <= st.store_tried_at:
+                continue
             job = self._store_job(st, full, scheduler_output)
             if job is not None:
                 jobs.append(job)
@@ -563,6 +580,8 @@ class FlexKVScheduler:
         del self._loads[job_id]
         if self._load_of.get(job.req_id) is job:
             del self._load_of[job.req_id]
+        if job.failed:
+            self._no_more_loads(job.req_id)
         plan = job.plan
         job.plan = None
         if plan is not None:
@@ -620,10 +639,10 @@ class FlexKVScheduler:
         pool = getattr(self._kv_cache_manager, "block_pool", None)
         if pool is None or not getattr(pool, "enable_kv_cache_events", False):
             return
-        from vllm.distributed.kv_events import AllBlocksCleared
-
-        if any(isinstance(event, AllBlocksCleared) for event in pool.kv_event_queue):
-            self._reannounce = True
+        for event in pool.kv_event_queue:
+            if type(event) is AllBlocksCleared:
+                self._reannounce = True
+                return
 
     def get_stats(self) -> FlexKVConnectorStats | None:
         self.note_gpu_resets()

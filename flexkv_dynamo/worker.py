@@ -238,6 +238,16 @@ class FlexKVWorker:
             if job.job_id not in self._meta.done and job.job_id not in self._meta.failed:
                 self._meta.failed[job.job_id] = self._meta.failed.get(job.job_id, 0) + 1
 
+    def report_failed(self, job_ids: list[int]) -> None:
+        """Report load jobs this worker finished as failed after all: vLLM was told their blocks are
+        load errors, and the scheduler must know it too."""
+        for job_id in job_ids:
+            if self._meta.done.get(job_id):
+                self._meta.done[job_id] -= 1
+                if not self._meta.done[job_id]:
+                    del self._meta.done[job_id]
+                self._meta.failed[job_id] = self._meta.failed.get(job_id, 0) + 1
+
     def abandon_loads(self) -> set[str]:
         """Wait for every running load's copy, end them all as failed, and return every request id due
         (vLLM recomputes their blocks: reported in `take_load_errors` of this step)."""
