@@ -13,16 +13,31 @@ It runs inside vLLM's scheduler (the EngineCore process) and answers vLLM's sche
   (2) a store job per request for the blocks this step's forward pass completes
   (`TieredCache.reserve_store`: CPU slots, blocks we already hold skipped). See `metadata` for why
   stores need no ``delay_free``.
-* ``update_connector_output``: a job all workers reported ends: ``complete_store`` publishes the blocks
-  (and queues their SSD write-back), ``finish_load`` unpins.
+* ``update_connector_output``: a job all workers reported ends (in job order, so that parents are
+  published before the children another job stored): ``complete_store`` publishes the blocks (and
+  queues their SSD write-back), ``finish_load`` unpins.
 * ``request_finished``: nothing to keep alive; a load still waiting for its SSD staging is cancelled
   and its (empty) job still goes out, because vLLM waits for the worker to report that request.
-* ``take_events``: the cache's tier events as vLLM ``BlockStored`` / ``BlockRemoved`` (`kv_events`).
+* ``take_events``: the cache's tier events as vLLM ``BlockStored`` / ``BlockRemoved`` (`kv_events`),
+  or, after vLLM reset its prefix cache, everything our tiers hold (`note_gpu_resets`).
+
+No holes: a request's blocks ``[0, stored_upto)`` are always a chain the CPU tier holds or has reserved.
+``reserve_store`` may take fewer blocks than offered (no room): ``stored_upto`` then stops at the first
+block it could not take (`StorePlan.covered`), and the rest is offered again once more of the request's
+blocks complete; a store job that fails moves it back. A block is never announced with its parent
+missing from our tiers, so the router never credits a tier no lookup can reach.
+
+Per step this runs on vLLM's scheduler thread, for every running request: the work per request and per
+block is kept to a few operations (hashes converted once per request, only the needed part of a block
+table read); `bench/bench_scheduler.py` measures it against vLLM's own scheduler work.
 
 Load failures (an SSD read or checksum that fails, a block evicted between lookup and load) become
 ``failed_block_ids`` of the load job, which the worker reports to vLLM as load errors. vLLM then
 recomputes them only if ``kv_load_failure_policy`` is ``"recompute"``; its default, ``"fail"``, fails
-the request instead (a warning at start-up says so).
+the request instead (a warning at start-up says so). A request whose load failed gets no further hits
+(vLLM asks again for it; were the failure to repeat, the request would loop through failing loads).
+Exceptions of our own code are caught at the connector boundary (`flexkv_dynamo.connector`), which
+calls `fail_load` / `abandon_step` here to turn them into load errors.
 
 A loaded request costs one extra engine step (the load runs in a step of its own, after which vLLM
 schedules the request): on CPU that step is essentially the copy of the KV bytes.
