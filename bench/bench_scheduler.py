@@ -162,7 +162,7 @@ def make_engine(args: argparse.Namespace, workdir: str, *, blocks: int, batched:
            "FLEXKV_ENABLE_METRICS": "1", "FLEXKV_LOG_LEVEL": "WARNING"}
     eng = DryEngine(block_size=args.block_size, num_gpu_blocks=blocks, max_num_seqs=max(args.running, 8),
                     max_num_batched_tokens=batched, max_model_len=model_len, flexkv_env=env, workdir=workdir,
-                    tags=False, num_layers=1)
+                    tags=False, keep_events=False, num_layers=1)
     return eng
 
 

@@ -55,13 +55,18 @@ _TAG_BYTES = 8
 
 
 class EventRecorder:
-    """Stands in for vLLM's ZMQ event publisher: keeps every published event, in order."""
+    """Stands in for vLLM's ZMQ event publisher: keeps every published event, in order (or, with
+    ``keep=False``, counts them only: a benchmark's millions of token ids need not stay in memory)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = True) -> None:
+        self.keep = keep
         self.events: list[Any] = []
+        self.published = 0
 
     def publish(self, batch: Any) -> None:
-        self.events.extend(batch.events)
+        self.published += len(batch.events)
+        if self.keep:
+            self.events.extend(batch.events)
 
     def shutdown(self) -> None:
         return
@@ -94,7 +99,8 @@ class DryEngine:
     def __init__(self, *, block_size: int = 16, num_gpu_blocks: int = 512, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_model_len: int = 8192,
                  flexkv_env: Mapping[str, str] | None = None, workdir: str | None = None,
-                 kv_events: bool = True, tags: bool = True, num_layers: int = 2) -> None:
+                 kv_events: bool = True, keep_events: bool = True, tags: bool = True,
+                 num_layers: int = 2) -> None:
         import torch
         from vllm.config import (
             CacheConfig,
@@ -153,7 +159,7 @@ class DryEngine:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = old
-        self.recorder = EventRecorder()
+        self.recorder = EventRecorder(keep=keep_events)
         self.scheduler.kv_event_publisher = self.recorder
         hash_fn = get_hash_fn_by_name(vllm_config.cache_config.prefix_caching_hash_algo)
         init_none_hash(hash_fn)
