@@ -30,6 +30,7 @@ preliminary: compare only figures of one run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -292,7 +293,8 @@ def part_per_step(args: argparse.Namespace, workdir: str, *, loaded: bool) -> di
                                         daemon=True)]
             for t in threads:
                 t.start()
-        steps: list[dict[str, float]] = []
+        steps: list[dict[str, Any]] = []
+        gc_clock = GcClock()
         deadline = time.monotonic() + (args.blocking_seconds if loaded else 0.0)
         while len(steps) < decode or (time.monotonic() < deadline and len(steps) < budget):
             timers.reset()
@@ -301,7 +303,9 @@ def part_per_step(args: argparse.Namespace, workdir: str, *, loaded: bool) -> di
             ours_cpu = sum(timers.cpu.get(name, 0.0) for name in CALLBACKS)
             steps.append({"connector_s": ours, "vllm_s": out.schedule_s + out.update_s - ours,
                           "connector_cpu_s": ours_cpu, "vllm_cpu_s": out.schedule_cpu_s + out.update_cpu_s - ours_cpu,
-                          "stores": timers.blocks.get("reserve_store", 0)})
+                          "stores": timers.blocks.get("reserve_store", 0), "gc_s": gc_clock.take(),
+                          "breakdown": {k: round(v * 1e6) for k, v in timers.wall.items()}})
+        gc_clock.close()
     finally:
         stop.set()
         for t in threads:
@@ -320,7 +324,11 @@ def part_per_step(args: argparse.Namespace, workdir: str, *, loaded: bool) -> di
         "connector_us_mean": statistics.fmean(ours) * 1e6, "connector_us_p99": pct(ours, 0.99) * 1e6,
         "vllm_us_mean": statistics.fmean(vllm) * 1e6,
         "blocks_stored_per_step": statistics.fmean(s["stores"] for s in steps),
+        "gc_ms_per_step_max": max(s["gc_s"] for s in steps) * 1e3,
     }
+    worst = max(steps, key=lambda s: s["connector_s"])
+    result["worst_step"] = {"connector_ms": worst["connector_s"] * 1e3, "gc_ms": worst["gc_s"] * 1e3,
+                            "wall_us_by_call": worst["breakdown"]}
     if lock is not None:
         result["scheduler_lock_waits"] = len(lock.waits)
         result["wait_us_p50"] = pct(lock.waits, 0.50) * 1e6
@@ -356,12 +364,40 @@ def export_loop(endpoint: str, chain: list[int], hz: float, stop: threading.Even
 # ---- reporting ---------------------------------------------------------------------------------------
 
 
+class GcClock:
+    """Seconds the garbage collector ran (on whichever thread triggered it) since the last `take`."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._t0 = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._t0
+
+    def take(self) -> float:
+        s, self.seconds = self.seconds, 0.0
+        return s
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._on_gc)
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     workdir = tempfile.mkdtemp(prefix="fkvbs", dir="/tmp")
+    parts = {int(p) for p in args.parts.split(",")}
     try:
-        return {"per_block": part_per_block(args, workdir),
-                "per_step": part_per_step(args, workdir, loaded=False),
-                "blocking": part_per_step(args, workdir, loaded=True)}
+        result: dict[str, Any] = {}
+        if 1 in parts:
+            result["per_block"] = part_per_block(args, workdir)
+        if 2 in parts:
+            result["per_step"] = part_per_step(args, workdir, loaded=False)
+        if 3 in parts:
+            result["blocking"] = part_per_step(args, workdir, loaded=True)
+        return result
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -385,6 +421,16 @@ def run_ref(ref: str, argv: list[str]) -> dict[str, Any]:
 
 
 def report(result: dict[str, Any], ref: dict[str, Any] | None, ref_name: str) -> None:
+    if "per_block" in result:
+        report_per_block(result, ref, ref_name)
+    for key, title in (("per_step", "2. per step"), ("blocking", "3. other threads at work")):
+        if key in result:
+            report_per_step(result[key], (ref or {}).get(key), ref_name, title)
+    if "blocking" in result:
+        report_blocking(result, ref, ref_name)
+
+
+def report_per_block(result: dict[str, Any], ref: dict[str, Any] | None, ref_name: str) -> None:
     pb = result["per_block"]
     print(f"\n1. per block: {pb['requests']} requests of {pb['blocks_per_request']} blocks, best of {pb['rounds']} "
           "rounds; CPU µs of the scheduler thread per block in the callback, of that inside TieredCache; wall µs")
@@ -399,19 +445,27 @@ def report(result: dict[str, Any], ref: dict[str, Any] | None, ref_name: str) ->
             if r:
                 line += f"{r['cpu_us']:>18.2f}{r['cache_cpu_us']:>10.2f}{v['cpu_us'] / r['cpu_us']:>9.2f}"
         print(line)
-    for key, title in (("per_step", "2. per step"), ("blocking", "3. other threads at work")):
-        s = result[key]
-        print(f"\n{title}: {s['running']} running requests, {s['steps']} decode steps, "
-              f"{s['blocks_stored_per_step']:.1f} blocks stored per step")
-        rows = [("connector CPU µs/step mean", "connector_cpu_us_mean"),
-                ("connector CPU µs/step p99", "connector_cpu_us_p99"),
-                ("vLLM scheduler CPU µs/step mean", "vllm_cpu_us_mean"), ("connector / vLLM (CPU)", "ratio_cpu"),
-                ("connector wall µs/step mean", "connector_us_mean"), ("connector wall µs/step p99", "connector_us_p99")]
-        for label, k in rows:
-            line = f"  {label:<34}{s[k]:>10.2f}"
-            if ref and k in ref[key]:
-                line += f"   {ref_name}: {ref[key][k]:>10.2f}"
-            print(line)
+
+
+def report_per_step(s: dict[str, Any], ref: dict[str, Any] | None, ref_name: str, title: str) -> None:
+    print(f"\n{title}: {s['running']} running requests, {s['steps']} decode steps, "
+          f"{s['blocks_stored_per_step']:.1f} blocks stored per step")
+    rows = [("connector CPU µs/step mean", "connector_cpu_us_mean"),
+            ("connector CPU µs/step p99", "connector_cpu_us_p99"),
+            ("vLLM scheduler CPU µs/step mean", "vllm_cpu_us_mean"), ("connector / vLLM (CPU)", "ratio_cpu"),
+            ("connector wall µs/step mean", "connector_us_mean"), ("connector wall µs/step p99", "connector_us_p99"),
+            ("GC ms in one step, max", "gc_ms_per_step_max")]
+    for label, k in rows:
+        line = f"  {label:<34}{s[k]:>10.2f}"
+        if ref and k in ref:
+            line += f"   {ref_name}: {ref[k]:>10.2f}"
+        print(line)
+    w = s["worst_step"]
+    calls = ", ".join(f"{k} {v / 1e3:.1f}" for k, v in sorted(w["wall_us_by_call"].items(), key=lambda kv: -kv[1])[:5])
+    print(f"  slowest step: {w['connector_ms']:.1f} ms in the connector (GC {w['gc_ms']:.1f} ms): {calls} (ms wall)")
+
+
+def report_blocking(result: dict[str, Any], ref: dict[str, Any] | None, ref_name: str) -> None:
     b = result["blocking"]
     print(f"\n  scheduler thread's waits for the cache lock: {b['scheduler_lock_waits']} acquisitions, "
           f"p50 {b['wait_us_p50']:.1f} µs, p99 {b['wait_us_p99']:.1f} µs, max {b['wait_us_max']:.1f} µs"
@@ -419,8 +473,9 @@ def report(result: dict[str, Any], ref: dict[str, Any] | None, ref_name: str) ->
              if ref else ""))
     for name, p99 in sorted(b["holds_us_p99"].items()):
         print(f"  held by {name or '?'}: p99 {p99:.1f} µs, max {b['holds_us_max'][name]:.1f} µs")
-    print(f"  background calls: {b['background_calls']}; connector wall time per step vs part 2: "
-          f"{b['connector_us_mean'] / result['per_step']['connector_us_mean']:.2f}x")
+    if "per_step" in result:
+        print(f"  background calls: {b['background_calls']}; connector wall time per step vs part 2: "
+              f"{b['connector_us_mean'] / result['per_step']['connector_us_mean']:.2f}x")
 
 
 def main() -> None:
@@ -437,6 +492,7 @@ def main() -> None:
     ap.add_argument("--status-hz", type=float, default=200.0, help="status queries per second in part 3")
     ap.add_argument("--export-hz", type=float, default=50.0, help="exports per second in part 3")
     ap.add_argument("--blocking-seconds", type=float, default=10.0, help="least duration of part 3's decode")
+    ap.add_argument("--parts", default="1,2,3", help="which parts to run (comma-separated)")
     ap.add_argument("--compare", metavar="REF", help="also run REF's code (a git revision) and compare")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()

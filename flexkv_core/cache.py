@@ -170,8 +170,10 @@ class TieredCache:
             # Making room may evict: pin the copies our new blocks will chain onto meanwhile (those not
             # reserved here themselves), so the chain cannot lose a parent on the way.
             guard: list[tuple[Tier, int]] = []
-            for _, _, parent in wanted:
-                b = self.index.get(parent) if parent is not None else None
+            for k, (_, _, parent) in enumerate(wanted):
+                if parent is None or (k and wanted[k - 1][1] == parent):
+                    continue  # a root, or chained onto a block reserved here
+                b = self.index.get(parent)
                 for tier in (Tier.CPU, Tier.SSD):
                     if b is not None and b.ready(tier):
                         self.index.pin(tier, parent)
@@ -208,10 +210,14 @@ class TieredCache:
                 raise ValueError(f"store job {plan.job_id} is not pending")
             good = 0
             if ok:
-                for h in plan.block_hashes:
-                    parent = self.index.get(h).parent
-                    if parent is not None and not self._holds(parent):
-                        break
+                positions = plan.positions
+                for k, h in enumerate(plan.block_hashes):
+                    # A block right after the previous one of this plan chains onto it; others onto a block
+                    # that was held when reserved, and may have failed to arrive since.
+                    if not (k and positions[k] == positions[k - 1] + 1):
+                        parent = self.index.get(h).parent
+                        if parent is not None and not self._holds(parent):
+                            break
                     good += 1
             published, dropped = plan.block_hashes[:good], plan.block_hashes[good:]
             if published:
