@@ -171,6 +171,10 @@ class DryEngine:
         self.fail_jobs: Callable[[LoadJob | StoreJob], bool] = lambda job: False
         self.steps = 0
         self.closed = False
+        # As vLLM's engine core does once it is up: the start-up heap is static, the GC skips it.
+        from vllm.utils.gc_utils import freeze_gc_heap
+
+        freeze_gc_heap()
 
     # ---- what tests and benchmarks use -------------------------------------------------------------
 
