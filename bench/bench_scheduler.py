@@ -1,11 +1,11 @@
 """What the connector costs vLLM's scheduler thread: µs per block of each operation, the whole per-step
 overhead with many running requests, and how long other threads of the cache block that thread.
 
-    .venv/bin/python bench/bench_scheduler.py [--quick] [--compare REF] [--json out.json]
+    .venv/bin/python bench/bench_scheduler.py [--quick] [--parts 1,2,3,4] [--compare REF] [--json out.json]
 
 vLLM's real scheduler drives our real connector (FlexKVConnector -> FlexKVScheduler -> TieredCache) with
 no model (`flexkv_dynamo.dry_engine.DryEngine`: vLLM Requests with vLLM's block hashes, real admission,
-chunked prefill, prefix cache and KV events; stand-ins only for the model and the workers). Three parts:
+chunked prefill, prefix cache and KV events; stand-ins only for the model and the workers). Four parts:
 
 1. **Per block**, with ``--requests`` requests of ``--blocks`` blocks each (10,000 by default): a cold
    prefill in one step (store planning = ``build_connector_meta``, store completion =
@@ -22,7 +22,11 @@ chunked prefill, prefix cache and KV events; stand-ins only for the model and th
    scheduler thread waited (p50 / p99 / max), how long the other threads held it, and the step time
    against part 2.
 
-``--compare REF`` runs the same on REF's flexkv_core / flexkv_dynamo (extracted with ``git archive``, the
+4. **A failed SSD staging**: a load of ``--blocks`` SSD-only blocks whose first block fails its checksum
+   (bytes flipped on disk); the I/O thread's completion releases the whole load under the cache lock.
+   How long it holds the lock, and how long the scheduler thread waits.
+
+``--parts 1,2,3,4`` picks parts. ``--compare REF`` runs the same on REF's flexkv_core / flexkv_dynamo (extracted with ``git archive``, the
 harness copied in) in a subprocess, and prints both with their ratio. Figures on a busy machine are
 preliminary: compare only figures of one run.
 """
@@ -340,6 +344,42 @@ def part_per_step(args: argparse.Namespace, workdir: str, *, loaded: bool) -> di
     return result
 
 
+def part_failed_staging(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
+    """A load of ``--blocks`` SSD-only blocks whose first block fails its checksum (its bytes flipped on
+    disk): the SSD completion releases the whole load under the cache lock, on an I/O thread, while the
+    scheduler thread goes on. How long the lock is held then, and how long the scheduler thread waits."""
+    bs, n = args.block_size, args.blocks
+    tokens = n * bs + bs // 2
+    slot_bytes = bs * 2 * 64 * 2 * 4
+    eng = make_engine(args, os.path.join(workdir, "p4"), blocks=n + 64, batched=tokens + 64, model_len=tokens + 64,
+                      cpu_gb=(n + 64) * slot_bytes / 2**30, ssd_gb=(n + 64) * slot_bytes / 2**30)
+    try:
+        from flexkv_dynamo.kv_events import engine_hash_to_int
+
+        cache = eng.flexkv.cache
+        p = prompt(random.Random(4), tokens)
+        request = eng.add("cold", p, 1)
+        eng.run()
+        assert cache.flush(timeout=600)
+        cache.evict_all(Tier.CPU)
+        first = cache.index.get(engine_hash_to_int(request.block_hashes[0]))
+        path, offset = cache.ssd.location(first.slot_in(Tier.SSD))
+        with open(path, "r+b") as fh:  # the first block's SSD copy fails its checksum
+            fh.seek(offset + 64)
+            fh.write(b"\xff" * 64)
+        assert eng.reset_prefix_cache()
+        lock = TimedLock(cache._lock, threading.get_ident())
+        cache._lock = lock
+        eng.add("warm", p, 1)
+        eng.run()
+    finally:
+        eng.close()
+    io = [h for name, holds in lock.holds.items() if "ssd" in name for h in holds]
+    return {"blocks": n, "io_hold_ms_max": max(io, default=0.0) * 1e3,
+            "scheduler_wait_ms_max": max(lock.waits, default=0.0) * 1e3,
+            "scheduler_wait_us_p99": pct(lock.waits, 0.99) * 1e6}
+
+
 def status_loop(endpoint: str, hz: float, stop: threading.Event, counts: Counter[str]) -> None:
     from flexkv_core.client import CacheClient
 
@@ -397,6 +437,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             result["per_step"] = part_per_step(args, workdir, loaded=False)
         if 3 in parts:
             result["blocking"] = part_per_step(args, workdir, loaded=True)
+        if 4 in parts:
+            result["failed_staging"] = part_failed_staging(args, workdir)
         return result
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -428,6 +470,14 @@ def report(result: dict[str, Any], ref: dict[str, Any] | None, ref_name: str) ->
             report_per_step(result[key], (ref or {}).get(key), ref_name, title)
     if "blocking" in result:
         report_blocking(result, ref, ref_name)
+    if "failed_staging" in result:
+        f = result["failed_staging"]
+        r = (ref or {}).get("failed_staging")
+        print(f"\n4. a failed SSD staging of {f['blocks']} blocks: the I/O thread held the cache lock "
+              f"{f['io_hold_ms_max']:.1f} ms at most; the scheduler thread waited {f['scheduler_wait_ms_max']:.1f} ms "
+              f"at most (p99 {f['scheduler_wait_us_p99']:.0f} µs)"
+              + (f"   ({ref_name}: held {r['io_hold_ms_max']:.1f} ms, waited {r['scheduler_wait_ms_max']:.1f} ms)"
+                 if r else ""))
 
 
 def report_per_block(result: dict[str, Any], ref: dict[str, Any] | None, ref_name: str) -> None:
@@ -492,7 +542,7 @@ def main() -> None:
     ap.add_argument("--status-hz", type=float, default=200.0, help="status queries per second in part 3")
     ap.add_argument("--export-hz", type=float, default=50.0, help="exports per second in part 3")
     ap.add_argument("--blocking-seconds", type=float, default=10.0, help="least duration of part 3's decode")
-    ap.add_argument("--parts", default="1,2,3", help="which parts to run (comma-separated)")
+    ap.add_argument("--parts", default="1,2,3,4", help="which parts to run (comma-separated)")
     ap.add_argument("--compare", metavar="REF", help="also run REF's code (a git revision) and compare")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
