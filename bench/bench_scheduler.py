@@ -351,12 +351,14 @@ def part_per_step(args: argparse.Namespace, workdir: str, *, loaded: bool) -> di
 def part_failed_staging(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     """A load of ``--blocks`` SSD-only blocks whose first block fails its checksum (its bytes flipped on
     disk): the SSD completion releases the whole load under the cache lock, on an I/O thread, while the
-    scheduler thread goes on. How long the lock is held then, and how long the scheduler thread waits."""
+    scheduler thread goes on with 16 decoding requests. How long the lock is held then, and how long the
+    scheduler thread waits for it."""
     bs, n = args.block_size, args.blocks
     tokens = n * bs + bs // 2
     slot_bytes = bs * 2 * 64 * 2 * 4
-    eng = make_engine(args, os.path.join(workdir, "p4"), blocks=n + 64, batched=tokens + 64, model_len=tokens + 64,
-                      cpu_gb=(n + 64) * slot_bytes / 2**30, ssd_gb=(n + 64) * slot_bytes / 2**30)
+    room = n + 16 * 16 + 64  # the load, and 16 other requests of up to 13 blocks
+    eng = make_engine(args, os.path.join(workdir, "p4"), blocks=room, batched=tokens + 64, model_len=tokens + 64,
+                      cpu_gb=room * slot_bytes / 2**30, ssd_gb=room * slot_bytes / 2**30)
     try:
         from flexkv_dynamo.kv_events import engine_hash_to_int
 
@@ -374,6 +376,9 @@ def part_failed_staging(args: argparse.Namespace, workdir: str) -> dict[str, Any
         assert eng.reset_prefix_cache()
         lock = TimedLock(cache._lock, threading.get_ident())
         cache._lock = lock
+        rng = random.Random(5)
+        for i in range(16):  # other requests decode meanwhile: each step stores some of their blocks
+            eng.add(f"busy{i}", prompt(rng, 4 * bs + i), 8 * bs)
         eng.add("warm", p, 1)
         eng.run()
     finally:
