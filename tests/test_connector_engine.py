@@ -33,7 +33,7 @@ import msgspec
 import pytest
 import zmq
 from conftest import BLOCK_SIZE, FLEXKV_TRANSFER_CONFIG, MAX_BATCHED_TOKENS, Engine, flexkv_env, start_engine
-from support import free_port
+from support import assert_connector_idle, free_port
 
 from flexkv_core.layout import Tier
 
@@ -144,13 +144,7 @@ def drain_to_vllm(engine: Engine) -> None:
 
 def assert_quiescent(engine: Engine) -> None:
     """No job, pin or slot of ours outlives the requests, and vLLM holds no request or block."""
-    fk = engine.flexkv
-    assert fk.in_flight() == {"waiting_loads": 0, "loads": 0, "stores": 0, "requests": 0}
-    assert fk.cache.flush(timeout=30)
-    tiers = fk.cache.stats()["tiers"]
-    for tier in ("cpu", "ssd"):
-        assert tiers[tier]["pinned_blocks"] == 0, tiers
-        assert tiers[tier]["used_slots"] == tiers[tier]["ready_blocks"], tiers
+    assert_connector_idle(engine.flexkv)
     sched = engine.core.scheduler
     assert not sched.requests, f"vLLM still holds requests {list(sched.requests)}"
     pool = sched.kv_cache_manager.block_pool

@@ -25,6 +25,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import pytest
+from support import assert_connector_idle
 
 from flexkv_core.layout import Tier
 
@@ -71,14 +72,8 @@ def ints(block_hashes: list[bytes]) -> list[int]:
 
 
 def assert_quiescent(eng: Any) -> None:
-    fk = eng.flexkv
     assert not eng.scheduler.has_requests()
-    assert fk.in_flight() == {"waiting_loads": 0, "loads": 0, "stores": 0, "requests": 0}
-    assert fk.cache.flush(timeout=30)
-    tiers = fk.cache.stats()["tiers"]
-    for tier in ("cpu", "ssd"):
-        assert tiers[tier]["pinned_blocks"] == 0, tiers
-        assert tiers[tier]["used_slots"] == tiers[tier]["ready_blocks"], tiers
+    assert_connector_idle(eng.flexkv)
     pool = eng.scheduler.kv_cache_manager.block_pool
     assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1  # all but vLLM's null block
     assert eng.wrong_loads == []
