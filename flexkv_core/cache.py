@@ -138,6 +138,12 @@ class TieredCache:
         tokens = np.asarray(token_ids[:n * bs], dtype=np.uint32).reshape(n, bs)
         with self.lock:
             index = self.index
+            guard = np.empty(0, np.int32)
+            if parent_hash is not None:
+                guard = index.find([parent_hash])
+                if guard[0] < 0 or not self._held(guard)[0]:
+                    # The parent is in none of our tiers: blocks chained onto it could never be loaded.
+                    return StorePlan(next(self._jobs), [], [], [], covered=0)
             rows = index.find(keys)
             held = rows >= 0
             held[held] = index.state(Tier.CPU, rows[held]) != ABSENT  # in, or on its way to, the CPU tier
@@ -147,7 +153,13 @@ class TieredCache:
                 index.touch(keep, hit=False)
                 index.pin(Tier.CPU, keep)
             want = np.flatnonzero(~held)
+            # Making room may evict: pin the parent's ready copies meanwhile, so the chain keeps its first link.
+            pinned = {tier: guard[index.state(tier, guard) == READY] for tier in (Tier.CPU, Tier.SSD)}
+            for tier, prow in pinned.items():
+                index.pin(tier, prow)
             slots = self.placement.allocate(Tier.CPU, want.size)
+            for tier, prow in pinned.items():
+                index.unpin(tier, prow)
             covered = n if slots.size == want.size else int(want[slots.size])
             want = want[:slots.size]
             new = np.empty(0, np.int32)
@@ -165,21 +177,45 @@ class TieredCache:
             self._publish_usage()
             return plan
 
-    def complete_store(self, plan: StorePlan, ok: bool = True) -> None:
-        """The engine finished copying ``plan`` (``ok``) or gave up: publish or roll back."""
+    def complete_store(self, plan: StorePlan, ok: bool = True) -> int:
+        """The engine finished copying ``plan`` (``ok``) or gave up: publish or roll back. A block is published
+        only if its parent is in one of our tiers by then (another job storing the parent may have failed): it
+        and the rest of the plan are rolled back otherwise, so no announced block lacks its parent. Returns how
+        many leading blocks of the plan were published."""
         if not plan.block_hashes:
-            return
+            return 0
         with self.lock:
             if self._stores.pop(plan.job_id, None) is None:
                 raise ValueError(f"store job {plan.job_id} is not pending")
-            if ok:
-                self.index.finish_fill(Tier.CPU, plan._rows)
-                self.metrics.stored(Tier.CPU, len(plan.block_hashes))
-                self.metrics.moved("engine_to_cpu", len(plan.block_hashes) * self.layout.slot_bytes)
-                self.placement.write_back(plan._rows)
-            else:
-                self.placement.free(Tier.CPU, self.index.abort_fill(Tier.CPU, plan._rows))
+            rows = plan._rows
+            good = self._publishable(rows, plan.positions) if ok else 0
+            if good:
+                self.index.finish_fill(Tier.CPU, rows[:good])
+                self.metrics.stored(Tier.CPU, good)
+                self.metrics.moved("engine_to_cpu", good * self.layout.slot_bytes)
+                self.placement.write_back(rows[:good])
+            if good < rows.size:
+                self.placement.free(Tier.CPU, self.index.abort_fill(Tier.CPU, rows[good:]))
             self._publish_usage()
+            return good
+
+    def _held(self, rows: np.ndarray) -> np.ndarray:
+        """Per row: is the block in (or on its way to) one of our tiers?"""
+        return (self.index.state(Tier.CPU, rows) != ABSENT) | (self.index.state(Tier.SSD, rows) != ABSENT)
+
+    def _publishable(self, rows: np.ndarray, positions: list[int]) -> int:
+        """How many leading blocks of a store have their parent held. A block right after the previous one of
+        the plan chains onto it; the others chain onto a block that was held at reserve time and may have
+        failed to arrive since."""
+        pos = np.asarray(positions)
+        first = np.ones(rows.size, bool)
+        first[1:] = pos[1:] != pos[:-1] + 1
+        at = np.flatnonzero(first)
+        prow = self.index.parents(rows[at])
+        ok = prow < 0
+        ok[~ok] = self._held(prow[~ok])
+        bad = at[~ok]
+        return int(bad[0]) if bad.size else int(rows.size)
 
     # ---- loads -----------------------------------------------------------------------------------
 

@@ -64,8 +64,9 @@ CONFIG_PATH_ENV = "FLEXKV_CONFIG_PATH"
 
 #: ``FLEXKV_*`` variables that are not configuration keys but belong to other parts of the project; every
 #: other unknown ``FLEXKV_*`` variable is an error (a typo would otherwise be silently ignored).
-#: FLEXKV_* variables that belong to other parts of the project (the Dynamo launcher reads these two).
-FOREIGN_ENV = frozenset({CONFIG_PATH_ENV, "FLEXKV_DYNAMO_HOOK", "FLEXKV_KV_EVENTS_PORT"})
+#: FLEXKV_* variables that belong to other parts of the project (the Dynamo launcher reads the first two;
+#: FLEXKV_TEST_FAULTS is the connector's test-only fault injection, flexkv_dynamo.guard).
+FOREIGN_ENV = frozenset({CONFIG_PATH_ENV, "FLEXKV_DYNAMO_HOOK", "FLEXKV_KV_EVENTS_PORT", "FLEXKV_TEST_FAULTS"})
 
 #: Where the CPU tier's shared-memory region lives (flexkv_core.tiers.cpu creates it there).
 SHM_DIR = "/dev/shm"

@@ -13,16 +13,31 @@ It runs inside vLLM's scheduler (the EngineCore process) and answers vLLM's sche
   (2) a store job per request for the blocks this step's forward pass completes
   (`TieredCache.reserve_store`: CPU slots, blocks we already hold skipped). See `metadata` for why
   stores need no ``delay_free``.
-* ``update_connector_output``: a job all workers reported ends: ``complete_store`` publishes the blocks
-  (and queues their SSD write-back), ``finish_load`` unpins.
+* ``update_connector_output``: a job all workers reported ends (in job order, so that parents are
+  published before the children another job stored): ``complete_store`` publishes the blocks (and
+  queues their SSD write-back), ``finish_load`` unpins.
 * ``request_finished``: nothing to keep alive; a load still waiting for its SSD staging is cancelled
   and its (empty) job still goes out, because vLLM waits for the worker to report that request.
-* ``take_events``: the cache's tier events as vLLM ``BlockStored`` / ``BlockRemoved`` (`kv_events`).
+* ``take_events``: the cache's tier events as vLLM ``BlockStored`` / ``BlockRemoved`` (`kv_events`),
+  or, after vLLM reset its prefix cache, everything our tiers hold (`note_gpu_resets`).
+
+No holes: a request's blocks ``[0, stored_upto)`` are always a chain the CPU tier holds or has reserved.
+``reserve_store`` may take fewer blocks than offered (no room): ``stored_upto`` then stops at the first
+block it could not take (`StorePlan.covered`), and the rest is offered again once more of the request's
+blocks complete; a store job that fails moves it back. A block is never announced with its parent
+missing from our tiers, so the router never credits a tier no lookup can reach.
+
+Per step this runs on vLLM's scheduler thread, for every running request: the work per request and per
+block is kept to a few operations (hashes converted once per request, only the needed part of a block
+table read); `bench/bench_scheduler.py` measures it against vLLM's own scheduler work.
 
 Load failures (an SSD read or checksum that fails, a block evicted between lookup and load) become
 ``failed_block_ids`` of the load job, which the worker reports to vLLM as load errors. vLLM then
 recomputes them only if ``kv_load_failure_policy`` is ``"recompute"``; its default, ``"fail"``, fails
-the request instead (a warning at start-up says so).
+the request instead (a warning at start-up says so). A request whose load failed gets no further hits
+(vLLM asks again for it; were the failure to repeat, the request would loop through failing loads).
+Exceptions of our own code are caught at the connector boundary (`flexkv_dynamo.connector`), which
+calls `fail_load` / `abandon_step` here to turn them into load errors.
 
 A loaded request costs one extra engine step (the load runs in a step of its own, after which vLLM
 schedules the request): on CPU that step is essentially the copy of the KV bytes.
@@ -33,21 +48,31 @@ every live one in the process.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_events import AllBlocksCleared
 
 from flexkv_core.cache import LoadPlan, StorePlan, TieredCache
 from flexkv_core.config import FlexKVConfig, configure_logging
 from flexkv_core.layout import CacheIdentity, KVLayout, Tier
 from flexkv_core.metrics import start_metrics_server
 
-from .kv_events import check_int_block_hashes, engine_hash_to_int, tier_events_enabled, to_vllm_events
+from .guard import CallbackFailures, FaultInjector
+from .kv_events import (
+    check_int_block_hashes,
+    engine_hash_to_int,
+    engine_hashes_to_ints,
+    tier_events_enabled,
+    to_vllm_events,
+)
 from .metadata import FlexKVConnectorMetadata, FlexKVWorkerMetadata, LoadJob, PoolInfo, StoreJob
 from .stats import FlexKVConnectorStats
 
@@ -134,29 +159,36 @@ class _Request:
     """What we track of one live request."""
 
     request: Request
-    hashes: list[int] = field(default_factory=list)  # engine hashes as ints, converted lazily
-    stored_upto: int = 0  # blocks [0, stored_upto) were offered to the cache already
+    hashes: list[int] = field(default_factory=list)  # engine hashes as ints, converted lazily, only grown
+    stored_upto: int = 0  # blocks [0, stored_upto) are held or reserved by the CPU tier: a chain, no hole
+    store_tried_at: int = 0  # a store that came up short tried up to here: retry once more blocks complete
     lookup_start: int = 0  # first block of the last lookup (vLLM's block-aligned local hit)
     lookup_blocks: int = 0  # blocks that lookup found
     looked_up: bool = False  # a lookup happened since the last allocation (counts lookup_tokens once)
+    no_loads: bool = False  # a load of it failed: no more hits for it (vLLM asks again after a failure)
 
-    def hashes_upto(self, n: int) -> list[int]:
+    def int_hashes(self, n: int) -> list[int]:
+        """The list of converted hashes, holding at least the first ``min(n, known)`` of them. It is the
+        growing list itself, never a copy: callers slice the part they use."""
         block_hashes = self.request.block_hashes
         n = min(n, len(block_hashes))
         if len(self.hashes) < n:
-            self.hashes.extend(engine_hash_to_int(h) for h in block_hashes[len(self.hashes):n])
-        return self.hashes[:n]
+            self.hashes.extend(engine_hashes_to_ints(block_hashes[len(self.hashes):n]))
+        return self.hashes
 
 
 @dataclass
 class _Load:
-    """A load from prepare_load until every worker reported its job."""
+    """A load from update_state_after_alloc until every worker reported its job."""
 
     req_id: str
-    plan: LoadPlan
+    job_id: int
+    plan: LoadPlan | None  # None once released early (failed before it went out): the job is all errors
     block_ids: list[int]  # engine block of each block in plan.block_hashes
-    missing_block_ids: list[int]  # engine blocks vLLM expects but prepare_load could not cover
+    missing_block_ids: list[int]  # engine blocks vLLM expects but we cannot deliver (load errors)
+    staging: frozenset[int] | None = None  # the plan's hashes while SSD staging may be running
     cancelled: bool = False  # the request ended before the job went out: send it empty
+    sent: bool = False  # in a metadata vLLM handed to the workers
     pending_workers: int = 0
     failed: bool = False
 
@@ -164,7 +196,10 @@ class _Load:
 @dataclass
 class _Store:
     plan: StorePlan
+    req_id: str
+    start: int  # the chain position of the plan's block 0 (positions are relative to it)
     pending_workers: int
+    sent: bool = False
     failed: bool = False
 
 
@@ -172,7 +207,8 @@ class FlexKVScheduler:
     """The scheduler-side connector logic (see the module docstring). One per engine."""
 
     def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: FlexKVConfig,
-                 *, start_service: bool = True) -> None:
+                 *, start_service: bool = True, failures: CallbackFailures | None = None,
+                 faults: FaultInjector | None = None) -> None:
         configure_logging(config)
         self.config = config
         layout, extra = layout_from_vllm(vllm_config, kv_cache_config)
@@ -194,6 +230,8 @@ class FlexKVScheduler:
         # live worker's FLEXKV_SERVER_RECV_PORT must fail without touching /dev/shm or the disk.
         self.service = self._claim_service() if start_service else None
         self._metrics_server = None
+        self.failures = failures or CallbackFailures("scheduler")
+        self._faults = faults
         try:
             if config.enable_metrics and config.metrics_port:  # flexkv_* live in this process only: serve them
                 self._metrics_server = start_metrics_server(config.metrics_port, addr=config.node_addr)
@@ -207,10 +245,12 @@ class FlexKVScheduler:
         self._requests: dict[str, _Request] = {}
         self._waiting_loads: dict[str, _Load] = {}  # req id -> load not yet sent (staging or cancelled)
         self._loads: dict[int, _Load] = {}  # job id -> load sent to the workers
+        self._load_of: dict[str, _Load] = {}  # req id -> its load, waiting or sent, until the job ends
         self._stores: dict[int, _Store] = {}  # job id -> store sent to the workers
+        self._own_job_ids = itertools.count(-1, -1)  # ids of load jobs the cache never planned (failures)
         self._stats = FlexKVConnectorStats()
         self._kv_cache_manager: KVCacheManager | None = None
-        self._seen_hash_map: int | None = None  # id() of vLLM's prefix-cache map (see take_events)
+        self._reannounce = False  # vLLM's prefix cache was reset: the router forgot our tiers
         self.node = None  # distributed reuse (FLEXKV_ENABLE_DISTRIBUTED)
         try:
             if config.enable_distributed:
@@ -231,6 +271,10 @@ class FlexKVScheduler:
             _LIVE[self.cache.pool_name] = self
         log.info("FlexKV connector (scheduler side) ready: %s, pool %s, service %s", self.identity.describe(),
                  self.cache.pool_name, self.service.endpoint if self.service else "off")
+
+    def _fault(self, point: str) -> None:
+        if self._faults is not None:
+            self._faults.check(point)
 
     # ---- the service (attach, status) ----------------------------------------------------------------
 
@@ -274,13 +318,17 @@ class FlexKVScheduler:
         st = self._track(request)
         start = num_computed_tokens // self.block_size
         st.lookup_start, st.lookup_blocks, st.looked_up = start, 0, True
-        if request.request_id in self._waiting_loads or any(
-                load.req_id == request.request_id for load in self._loads.values()):
+        if request.request_id in self._load_of:
             return 0, False  # a load of ours is still in flight for it: never plan a second one
-        hashes = st.hashes_upto(len(request.block_hashes))
+        if st.no_loads:
+            # One of its loads failed and vLLM is recomputing: were the failure to repeat (a fault that
+            # persists), offering the hit again would loop the request through failing loads forever.
+            return 0, False
+        hashes = st.int_hashes(len(request.block_hashes))
         if start >= len(hashes):
             return 0, False
         found = self.cache.lookup(hashes[start:]).total
+        self._fault("get_num_new_matched_tokens")
         if found and self._staging_any(hashes[start:start + found]):
             # Another request's load is reading these blocks from SSD right now; a second load could not
             # pin them (the cache stages a block once). Ask vLLM to come back: next step they are in CPU.
@@ -292,12 +340,15 @@ class FlexKVScheduler:
         return found * self.block_size, True
 
     def _staging_any(self, hashes: list[int]) -> bool:
-        staging = [load.plan for load in self._waiting_loads.values()
-                   if not load.cancelled and not load.plan.ready.done()]
-        if not staging:
-            return False
-        busy = {h for plan in staging for h in plan.block_hashes}
-        return not busy.isdisjoint(hashes)
+        for load in self._waiting_loads.values():
+            if load.staging is None or load.cancelled:
+                continue
+            if load.plan is None or load.plan.ready.done():
+                load.staging = None  # staged: nothing to check against any more
+                continue
+            if not load.staging.isdisjoint(hashes):
+                return True
+        return False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         st = self._track(request)
@@ -313,25 +364,60 @@ class FlexKVScheduler:
                                f"not a multiple of the block size {self.block_size}")
         n = num_external_tokens // self.block_size
         start = st.lookup_start
-        engine_blocks = blocks.get_block_ids()[0][start:start + n]
+        engine_blocks = [b.block_id for b in blocks.blocks[0][start:start + n]]
         if len(engine_blocks) != n:
             raise RuntimeError(f"request {request.request_id}: {n} blocks to load from block {start}, but vLLM "
                                f"allocated {len(engine_blocks)} there")
-        plan = self.cache.prepare_load(st.hashes_upto(start + n)[start:])
-        for tier in (Tier.CPU, Tier.SSD):
-            self._stats.add(f"hit_tokens_{tier.value}", plan.tier_hits[tier] * self.block_size)
+        plan = self.cache.prepare_load(st.int_hashes(start + n)[start:start + n])
+        for tier, key in ((Tier.CPU, "hit_tokens_cpu"), (Tier.SSD, "hit_tokens_ssd")):
+            self._stats.add(key, plan.tier_hits.get(tier, 0) * self.block_size)
         k = len(plan.block_hashes)
         if k < n:
             log.info("request %s: %d of %d blocks vanished between lookup and load; vLLM recomputes them",
                      request.request_id, n - k, n)
-        self._waiting_loads[request.request_id] = _Load(request.request_id, plan, engine_blocks[:k],
-                                                        engine_blocks[k:])
+        load = _Load(request.request_id, plan.job_id, plan, engine_blocks[:k], engine_blocks[k:],
+                     staging=None if plan.ready.done() else frozenset(plan.block_hashes))
+        self._waiting_loads[request.request_id] = self._load_of[request.request_id] = load
+        self._fault("update_state_after_alloc")
+
+    def fail_load(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        """``update_state_after_alloc`` failed. vLLM waits for this request's load all the same, so one job
+        goes out for it, with every block vLLM expected from us as a load error: vLLM recomputes them."""
+        if num_external_tokens <= 0:
+            return
+        req_id = request.request_id
+        load = self._waiting_loads.get(req_id)
+        if load is not None:  # planned before the failure: keep its job, deliver nothing
+            self._release(load)
+            load.missing_block_ids = load.block_ids + load.missing_block_ids
+            load.block_ids = []
+            return
+        st = self._requests.get(req_id)
+        start = st.lookup_start if st is not None else 0
+        n = -(-num_external_tokens // self.block_size)
+        try:
+            engine_blocks = [b.block_id for b in blocks.blocks[0][start:start + n]]
+        except Exception:  # noqa: BLE001 - then every block of the request: vLLM recomputes it whole
+            (engine_blocks, *_) = self._kv_cache_manager.get_block_ids(req_id) if self._kv_cache_manager else ([],)
+        load = _Load(req_id, next(self._own_job_ids), None, [], list(engine_blocks))
+        self._waiting_loads[req_id] = self._load_of[req_id] = load
+
+    def _no_more_loads(self, req_id: str) -> None:
+        st = self._requests.get(req_id)
+        if st is not None:
+            st.no_loads = True
+
+    def _release(self, load: _Load) -> None:
+        """Give the load's plan back to the cache (unpins; safe while staging runs)."""
+        plan, load.plan, load.staging = load.plan, None, None
+        if plan is not None:
+            self.cache.finish_load(plan)
 
     def _ready_loads(self) -> list[LoadJob]:
         """Load jobs for every waiting load whose bytes are in CPU slots now (or that was cancelled)."""
         jobs = []
         for req_id, load in list(self._waiting_loads.items()):
-            if load.cancelled:
+            if load.cancelled or load.plan is None:
                 usable = 0
             elif load.plan.ready.done():
                 try:
@@ -341,73 +427,156 @@ class FlexKVScheduler:
                     usable = 0
             else:
                 continue  # still staging from SSD: the request keeps waiting, the batch does not
-            del self._waiting_loads[req_id]
-            failed = load.block_ids[usable:] + load.missing_block_ids
-            if failed and not load.cancelled:
-                self._stats.add("load_error_blocks", len(failed))
-            load.pending_workers = self.num_workers
-            self._loads[load.plan.job_id] = load
-            jobs.append(LoadJob(load.plan.job_id, req_id, load.block_ids[:usable], load.plan.slots[:usable],
-                                [] if load.cancelled else failed))
+            jobs.append(self._send_load(load, usable))
         return jobs
+
+    def _send_load(self, load: _Load, usable: int) -> LoadJob:
+        del self._waiting_loads[load.req_id]
+        load.staging = None
+        failed = load.block_ids[usable:] + load.missing_block_ids
+        if failed and not load.cancelled:
+            self._stats.add("load_error_blocks", len(failed))
+            self._no_more_loads(load.req_id)
+        load.pending_workers = self.num_workers
+        self._loads[load.job_id] = load
+        slots = load.plan.slots[:usable] if load.plan is not None else []
+        return LoadJob(load.job_id, load.req_id, load.block_ids[:usable], slots, [] if load.cancelled else failed)
 
     # ---- stores --------------------------------------------------------------------------------------
 
     def _store_jobs(self, scheduler_output: SchedulerOutput) -> list[StoreJob]:
-        computed: dict[str, int] = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
-        cached = scheduler_output.scheduled_cached_reqs
-        computed.update(zip(cached.req_ids, cached.num_computed_tokens))
-        block_state = scheduler_output.kv_connector_block_state
+        # This loop visits every running request on every step: keep it to a few operations each.
+        # vLLM advances num_computed_tokens only after building the metadata (as its offloading
+        # connector relies on too), so computed + scheduled is what the step leaves computed.
         jobs = []
         bs = self.block_size
+        requests = self._requests
         for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
-            st = self._requests.get(req_id)
-            if st is None or req_id not in computed:
+            st = requests.get(req_id)
+            if st is None:
                 continue
-            request = st.request
-            # Blocks complete once this step ran. Capped by the known hashes: a speculative or not yet
-            # sampled token has no hash, and a block holding one must not be stored.
-            full = min((computed[req_id] + num_scheduled) // bs, len(request.block_hashes))
-            start = st.stored_upto
-            if full <= start:
+            full = (st.request.num_computed_tokens + num_scheduled) // bs
+            if full <= st.stored_upto or full <= st.store_tried_at:
+                continue  # nothing completed since we stored (or last tried to)
+            # Capped by the known hashes: a speculative or not yet sampled token has no hash, and a block
+            # holding one must not be stored.
+            full = min(full, len(st.request.block_hashes))
+            if full <= st.stored_upto or full <= st.store_tried_at:
                 continue
-            hashes = st.hashes_upto(full)
-            plan = self.cache.reserve_store(hashes[start:full], hashes[start - 1] if start else None,
-                                            request.all_token_ids[start * bs:full * bs])
-            st.stored_upto = full
-            if plan is None:
-                continue  # held already, or no room
-            block_ids = None
-            if block_state is not None:
-                block_ids = block_state.get_block_ids(req_id)
-            if block_ids is None and self._kv_cache_manager is not None:
-                block_ids = self._kv_cache_manager.get_block_ids(req_id)
-            if block_ids is None:
-                self.cache.complete_store(plan, ok=False)
-                log.warning("no block table for request %s: its blocks are not stored", req_id)
-                continue
-            engine_blocks = block_ids[0]
-            self._stores[plan.job_id] = _Store(plan, self.num_workers)
-            jobs.append(StoreJob(plan.job_id, req_id, [engine_blocks[start + p] for p in plan.positions],
-                                 list(plan.slots)))
+            job = self._store_job(st, full, scheduler_output)
+            if job is not None:
+                jobs.append(job)
         return jobs
+
+    def _store_job(self, st: _Request, full: int, scheduler_output: SchedulerOutput) -> StoreJob | None:
+        """Offer blocks [stored_upto, full) of a request to the CPU tier; the job for those it reserved."""
+        bs = self.block_size
+        request = st.request
+        hashes = st.int_hashes(full)
+        start = st.stored_upto
+        plan = self.cache.reserve_store(hashes[start:full], hashes[start - 1] if start else None,
+                                        request.all_token_ids[start * bs:full * bs])
+        if not plan.covered and start:
+            # The block our chain ends with left every tier meanwhile (evicted): chaining onto it would
+            # leave a hole. Offer the request's chain from its root instead (its blocks are all valid).
+            start = 0
+            plan = self.cache.reserve_store(hashes[:full], None, request.all_token_ids[:full * bs])
+        st.stored_upto = start + plan.covered
+        if st.stored_upto < full:
+            st.store_tried_at = full  # no room for all: try again when the next block completes
+        if not plan.block_hashes:
+            return None  # held already (or no room at all)
+        block_ids = self._engine_block_ids(st.request.request_id, [start + p for p in plan.positions],
+                                           scheduler_output)
+        if block_ids is None:
+            self.cache.complete_store(plan, ok=False)
+            st.stored_upto = min(st.stored_upto, start + plan.positions[0])
+            log.warning("no block table for request %s: its blocks are not stored", request.request_id)
+            return None
+        self._stores[plan.job_id] = _Store(plan, request.request_id, start, self.num_workers)
+        return StoreJob(plan.job_id, request.request_id, block_ids, list(plan.slots))
+
+    def _engine_block_ids(self, req_id: str, positions: list[int],
+                          scheduler_output: SchedulerOutput) -> list[int] | None:
+        """The engine blocks at ``positions`` of a request's block table (None if it has no such blocks).
+        Reads only those entries: a whole table costs as much as the request is long, on every store."""
+        if self._kv_cache_manager is not None:
+            (blocks, *_) = self._kv_cache_manager.get_blocks(req_id).blocks
+        else:
+            state = scheduler_output.kv_connector_block_state
+            ids = state.get_block_ids(req_id) if state is not None else None
+            if ids is None:
+                return None
+            return [ids[0][i] for i in positions] if positions[-1] < len(ids[0]) else None
+        if positions[-1] >= len(blocks):
+            return None
+        return [blocks[i].block_id for i in positions]
+
+    def _unwind_store(self, store: _Store) -> None:
+        """A store's blocks will not be published: its request offers them again later."""
+        st = self._requests.get(store.req_id)
+        if st is not None and store.plan.positions:
+            st.stored_upto = min(st.stored_upto, store.start + store.plan.positions[0])
 
     # ---- per step --------------------------------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> FlexKVConnectorMetadata:
+        self.note_gpu_resets()
         if not scheduler_output.total_num_scheduled_tokens:
             self._idle_wait_for_staging()
-        meta = FlexKVConnectorMetadata(pool=self.pool_info, loads=self._ready_loads(),
-                                       stores=self._store_jobs(scheduler_output))
-        for req_id in scheduler_output.finished_req_ids or ():
-            self._requests.pop(req_id, None)
+        loads = self._ready_loads()
+        stores = self._store_jobs(scheduler_output)
+        self._forget(scheduler_output.finished_req_ids)
+        meta = FlexKVConnectorMetadata(pool=self.pool_info, loads=loads, stores=stores)
+        self._fault("build_connector_meta")
+        self._mark_sent(meta)
         return meta
+
+    def abandon_step(self, scheduler_output: SchedulerOutput) -> FlexKVConnectorMetadata:
+        """``build_connector_meta`` failed: the metadata to send instead. Every load not sent yet goes out
+        now with all its blocks as load errors (vLLM recomputes them; a load left waiting could wait
+        forever if the failure repeats), and every store not sent yet is rolled back."""
+        for job_id, store in list(self._stores.items()):
+            if not store.sent:
+                del self._stores[job_id]
+                self._unwind_store(store)
+                self._quietly("roll back a store", lambda s=store: self.cache.complete_store(s.plan, ok=False))
+        unsent = [load for load in self._loads.values() if not load.sent]
+        for load in unsent:
+            del self._loads[load.job_id]
+            self._waiting_loads[load.req_id] = load
+        for load in self._waiting_loads.values():
+            self._quietly("release a load", lambda ld=load: self._release(ld))
+            load.missing_block_ids = load.block_ids + load.missing_block_ids
+            load.block_ids = []
+        meta = FlexKVConnectorMetadata(pool=self.pool_info,
+                                       loads=[self._send_load(load, 0) for load in list(self._waiting_loads.values())])
+        self._forget(scheduler_output.finished_req_ids or ())
+        self._mark_sent(meta)
+        return meta
+
+    def _mark_sent(self, meta: FlexKVConnectorMetadata) -> None:
+        for job in meta.loads:
+            self._loads[job.job_id].sent = True
+        for job in meta.stores:
+            self._stores[job.job_id].sent = True
+
+    def _forget(self, finished_req_ids: Iterable[str] | None) -> None:
+        for req_id in finished_req_ids or ():
+            self._requests.pop(req_id, None)
+
+    def _quietly(self, what: str, action: Callable[[], object]) -> None:
+        """Run a clean-up step of a failure path; a failure of its own is logged, not raised."""
+        try:
+            action()
+        except Exception:  # noqa: BLE001 - already degrading: the rest of the clean-up must still run
+            log.exception("FlexKV: could not %s while recovering from a failure", what)
 
     def _idle_wait_for_staging(self) -> None:
         """A step with nothing to compute, while loads wait for SSD reads: wait a little for them instead
         of letting the engine spin (on few cores the spinning slows the very reads it waits for)."""
         pending = [load.plan.ready for load in self._waiting_loads.values()
-                   if not load.cancelled and not load.plan.ready.done()]
+                   if not load.cancelled and load.plan is not None and not load.plan.ready.done()]
         if pending:
             wait_futures(pending, timeout=IDLE_WAIT_S, return_when=FIRST_COMPLETED)
 
@@ -417,24 +586,53 @@ class FlexKVScheduler:
             return
         if not isinstance(meta, FlexKVWorkerMetadata):
             raise TypeError(f"FlexKV connector got worker metadata of type {type(meta).__name__}")
-        for job_id in set(meta.done) | set(meta.failed):
-            reported = meta.done.get(job_id, 0) + meta.failed.get(job_id, 0)
+        # In job order: a job's blocks may chain onto blocks an earlier job of the step stores, and the
+        # parents must be published (announced) first.
+        for job_id in sorted(meta.done.keys() | meta.failed.keys()):
             job: _Store | _Load | None = self._stores.get(job_id) or self._loads.get(job_id)
             if job is None:
                 log.warning("workers reported unknown FlexKV job %d", job_id)
                 continue
-            job.pending_workers -= reported
+            job.pending_workers -= meta.done.get(job_id, 0) + meta.failed.get(job_id, 0)
             job.failed |= bool(meta.failed.get(job_id))
             if job.pending_workers > 0:
                 continue
-            if isinstance(job, _Store):
-                del self._stores[job_id]
-                self.cache.complete_store(job.plan, ok=not job.failed)
-            else:
-                del self._loads[job_id]
-                self.cache.finish_load(job.plan)
-                if not job.failed and job.block_ids:
-                    self.cache.metrics.moved("cpu_to_engine", len(job.block_ids) * self.pool_info.slot_bytes)
+            try:
+                self._fault("update_connector_output")
+                self._end_job(job_id, job)
+            except Exception as exc:  # noqa: BLE001 - one job's failure must not strand the others
+                self.failures.record("update_connector_output", [job.req_id], exc,
+                                     "its job rolled back (a store not published, a load unpinned)")
+                self._drop_job(job_id, job)
+
+    def _end_job(self, job_id: int, job: _Store | _Load) -> None:
+        if isinstance(job, _Store):
+            del self._stores[job_id]
+            published = self.cache.complete_store(job.plan, ok=not job.failed)
+            if job.failed or (isinstance(published, int) and published < len(job.plan.block_hashes)):
+                self._unwind_store(job)
+            return
+        del self._loads[job_id]
+        if self._load_of.get(job.req_id) is job:
+            del self._load_of[job.req_id]
+        if job.failed:
+            self._no_more_loads(job.req_id)
+        plan = job.plan
+        job.plan = None
+        if plan is not None:
+            self.cache.finish_load(plan, copied=0 if job.failed else len(job.block_ids))
+
+    def _drop_job(self, job_id: int, job: _Store | _Load) -> None:
+        """Forget a job whose completion failed, giving back what it still holds."""
+        if isinstance(job, _Store):
+            if self._stores.pop(job_id, None) is not None:
+                self._unwind_store(job)
+                self._quietly("roll back a store", lambda: self.cache.complete_store(job.plan, ok=False))
+            return
+        self._loads.pop(job_id, None)
+        if self._load_of.get(job.req_id) is job:
+            del self._load_of[job.req_id]
+        self._quietly("release a load", lambda: self._release(job))
 
     def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
         """Nothing of ours holds engine blocks past this point (stores finish within their step), so
@@ -443,31 +641,45 @@ class FlexKVScheduler:
         load = self._waiting_loads.get(request.request_id)
         if load is not None and not load.cancelled:
             load.cancelled = True
-            self.cache.finish_load(load.plan)  # safe while staging runs: the cache unpins when it ends
+            self._release(load)  # safe while staging runs: the cache unpins when it ends
+        self._fault("request_finished")
         return False, None
 
     def take_events(self) -> Iterable[KVCacheEvent]:
         # vLLM collects these right after its own events of the step. A reset of vLLM's prefix cache
         # publishes AllBlocksCleared there, which makes Dynamo's router forget our tiers too: follow it
-        # with everything we hold. (A reset gives the block pool a fresh hash map: that is how we see it.)
-        if self._gpu_cache_was_reset():
+        # with everything we hold (see note_gpu_resets).
+        if self._reannounce:
+            self._reannounce = False
             events = self.cache.reannounce()
             log.info("vLLM's prefix cache was reset: re-announcing %d tier events to the router", len(events))
         else:
             events = self.cache.take_events()
+        self._fault("take_events")
         if not self._events_enabled or not events:
             return ()
         return to_vllm_events(events, block_size=self.block_size)
 
-    def _gpu_cache_was_reset(self) -> bool:
+    def note_gpu_resets(self) -> None:
+        """Look for vLLM's own ``AllBlocksCleared`` among the events its block pool has queued for this
+        step's batch; one means vLLM's prefix cache was reset since the last batch (any number of times),
+        and `take_events` must then re-announce our tiers after it.
+
+        vLLM drains that queue in ``update_from_output`` right after asking the connector for its stats
+        (``get_kv_connector_stats``) and right before asking it for its events (``take_events``), so
+        looking there (and, for good measure, when planning each step) sees every reset exactly in the
+        batch our re-announcement joins."""
         pool = getattr(self._kv_cache_manager, "block_pool", None)
         if pool is None or not getattr(pool, "enable_kv_cache_events", False):
-            return False
-        current = id(pool.cached_block_hash_to_block)
-        reset, self._seen_hash_map = self._seen_hash_map not in (None, current), current
-        return reset
+            return
+        for event in pool.kv_event_queue:
+            if type(event) is AllBlocksCleared:
+                self._reannounce = True
+                return
 
     def get_stats(self) -> FlexKVConnectorStats | None:
+        self.note_gpu_resets()
+        self._fault("get_kv_connector_stats")
         if self._stats.is_empty():
             return None
         stats, self._stats = self._stats, FlexKVConnectorStats()
@@ -475,9 +687,11 @@ class FlexKVScheduler:
 
     def has_pending_work(self) -> bool:
         """Loads waiting for SSD staging need steps to go out even when nothing else runs."""
+        self._fault("has_pending_push_work")
         return bool(self._waiting_loads)
 
     def reset_cache(self) -> bool:
+        self._fault("reset_cache")
         self.cache.reset()
         return True
 

@@ -31,6 +31,7 @@ COUNTERS = (
     "load_error_blocks",  # blocks promised to vLLM but not delivered (recomputed)
     "load_blocks", "load_bytes", "load_seconds",
     "store_blocks", "store_bytes", "store_seconds",
+    "connector_errors",  # exceptions of ours caught at the connector boundary (flexkv_dynamo.guard)
 )
 
 
@@ -91,6 +92,10 @@ class FlexKVPromMetrics(KVConnectorPromMetrics):
         seconds = self._counter_cls(name="vllm:flexkv_transfer_seconds",
                                     documentation="Seconds spent copying between vLLM's KV cache and FlexKV.",
                                     labelnames=labelnames + ["direction"])
+        failures = self._counter_cls(name="vllm:flexkv_connector_errors",
+                                     documentation="Exceptions inside FlexKV's connector callbacks, caught and "
+                                                   "answered with a miss or a load error.",
+                                     labelnames=labelnames)
         # key in the stats dict -> bound child per engine
         self._children: dict[int, dict[str, Any]] = {}
         for engine, values in per_engine_labelvalues.items():
@@ -103,6 +108,7 @@ class FlexKVPromMetrics(KVConnectorPromMetrics):
                 "store_bytes": nbytes.labels(*values, "store"),
                 "load_seconds": seconds.labels(*values, "load"),
                 "store_seconds": seconds.labels(*values, "store"),
+                "connector_errors": failures.labels(*values),
             }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .metadata import FlexKVConnectorMetadata, FlexKVWorkerMetadata, LoadJob, PoolInfo
+from .metadata import FlexKVConnectorMetadata, FlexKVWorkerMetadata, LoadJob, PoolInfo, StoreJob
 from .stats import FlexKVConnectorStats
 
 if TYPE_CHECKING:
@@ -220,6 +220,47 @@ class FlexKVWorker:
             self._stats.add("store_blocks", blocks)
             self._stats.add("store_bytes", blocks * meta.pool.layout.rank_bytes)
             self._stats.add("store_seconds", time.perf_counter() - started)
+
+    # ---- after a failure at the connector boundary (flexkv_dynamo.guard) ------------------------------
+
+    def fail_loads(self, jobs: list[LoadJob]) -> None:
+        """Report each of ``jobs`` that is neither running nor reported as finished with every block a
+        load error (vLLM waits for every load job's request, and recomputes the failed blocks)."""
+        known = {run.job.job_id for run in self._loads} | self._meta.done.keys() | self._meta.failed.keys()
+        for job in jobs:
+            if job.job_id not in known:
+                self._end_load(_RunningLoad(job, None, time.perf_counter(), 0), ok=False)
+
+    def fail_stores(self, jobs: list[StoreJob]) -> None:
+        """Report each of ``jobs`` not reported yet as failed (the scheduler rolls them back). Called once
+        no copy of them runs: CPU copies are synchronous, and `run_stores` waits for each it starts."""
+        for job in jobs:
+            if job.job_id not in self._meta.done and job.job_id not in self._meta.failed:
+                self._meta.failed[job.job_id] = self._meta.failed.get(job.job_id, 0) + 1
+
+    def report_failed(self, job_ids: list[int]) -> None:
+        """Report load jobs this worker finished as failed after all: vLLM was told their blocks are
+        load errors, and the scheduler must know it too."""
+        for job_id in job_ids:
+            if self._meta.done.get(job_id):
+                self._meta.done[job_id] -= 1
+                if not self._meta.done[job_id]:
+                    del self._meta.done[job_id]
+                self._meta.failed[job_id] = self._meta.failed.get(job_id, 0) + 1
+
+    def abandon_loads(self) -> set[str]:
+        """Wait for every running load's copy, end them all as failed, and return every request id due
+        (vLLM recomputes their blocks: reported in `take_load_errors` of this step)."""
+        for run in self._loads:
+            try:
+                if run.copy is not None:
+                    run.copy.wait()  # nothing may still write into the engine blocks once reported
+            except Exception:  # noqa: BLE001 - it is reported failed either way
+                pass
+            self._end_load(run, ok=False)
+        self._loads = []
+        finished, self._finished = self._finished, set()
+        return finished
 
     # ---- reporting -----------------------------------------------------------------------------------
 

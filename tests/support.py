@@ -72,6 +72,16 @@ def patched_environ(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[key] = old
 
 
+def assert_connector_idle(flexkv: Any) -> None:
+    """No job, pin or slot of the connector's scheduler side (a `FlexKVScheduler`) outlives the requests."""
+    assert flexkv.in_flight() == {"waiting_loads": 0, "loads": 0, "stores": 0, "requests": 0}
+    assert flexkv.cache.flush(timeout=30)
+    tiers = flexkv.cache.stats()["tiers"]
+    for tier in ("cpu", "ssd"):
+        assert tiers[tier]["pinned_blocks"] == 0, tiers
+        assert tiers[tier]["used_slots"] == tiers[tier]["ready_blocks"], tiers
+
+
 # ---- the start-up hook in a throwaway virtualenv ---------------------------------------------------
 
 

