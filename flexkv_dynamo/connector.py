@@ -17,7 +17,7 @@ copies). Both read the FlexKV configuration (``FLEXKV_CONFIG_PATH`` > ``FLEXKV_*
 The per-step order vLLM 0.31 follows (CPU backend; asynchronous loads run after the forward pass)::
 
     scheduler: get_num_new_matched_tokens -> update_state_after_alloc -> build_connector_meta
-    worker:    bind_connector_metadata -> forward -> start_load_kv -> wait_for_save
+    worker:    handle_preemptions -> bind_connector_metadata -> forward -> start_load_kv -> wait_for_save
                -> get_finished -> get_block_ids_with_load_errors -> get_kv_connector_stats
                -> build_connector_worker_meta -> clear_connector_metadata
     scheduler: request_finished (requests that ended) -> update_connector_output -> take_events
@@ -82,7 +82,7 @@ class FlexKVConnector(KVConnectorBase_V1):
         else:
             from .worker import FlexKVWorker
 
-            self.worker_side = FlexKVWorker(vllm_config, kv_cache_config)
+            self.worker_side = FlexKVWorker(vllm_config, kv_cache_config, config)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -95,6 +95,15 @@ class FlexKVConnector(KVConnectorBase_V1):
         if self.worker_side is not None:
             self.worker_side.register_kv_caches(kv_caches)
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        # The start of every step, before the forward pass: stores of the last step start, and stores whose
+        # engine blocks this step reuses finish (see flexkv_dynamo.worker).
+        if self.worker_side is not None:
+            if not isinstance(kv_connector_metadata, FlexKVConnectorMetadata):
+                raise TypeError(f"FlexKVConnector got connector metadata of type "
+                                f"{type(kv_connector_metadata).__name__}")
+            self.worker_side.handle_preemptions(kv_connector_metadata)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         if self.worker_side is not None and self.has_connector_metadata():
             self.worker_side.start_loads(self._meta())
@@ -104,7 +113,7 @@ class FlexKVConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
-        return  # stores copy whole blocks after the forward pass (wait_for_save)
+        return  # stores copy whole blocks, from the next step on (wait_for_save, handle_preemptions)
 
     def wait_for_save(self) -> None:
         if self.worker_side is not None and self.has_connector_metadata():
@@ -145,7 +154,7 @@ class FlexKVConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         if self.scheduler_side is None:
-            return FlexKVConnectorMetadata(pool=None)
+            return FlexKVConnectorMetadata()
         return self.scheduler_side.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:

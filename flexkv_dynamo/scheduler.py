@@ -11,12 +11,17 @@ It runs inside vLLM's scheduler (the EngineCore process) and answers vLLM's sche
   I/O threads).
 * ``build_connector_meta``: each step, hand the workers (1) the loads whose bytes are in CPU slots,
   (2) a store job per request for the blocks this step's forward pass completes
-  (`TieredCache.reserve_store`: CPU slots, blocks we already hold skipped). See `metadata` for why
-  stores need no ``delay_free``.
+  (`TieredCache.reserve_store`: CPU slots, blocks we already hold skipped), which the workers copy from
+  the next step on, and (3) ``flush``: stores in flight that read engine blocks vLLM hands out again in
+  this step, or whose request was preempted, which the workers finish before the forward pass. See
+  `metadata` and `flexkv_dynamo.worker` for why fences rather than ``delay_free``.
 * ``update_connector_output``: a job all workers reported ends: ``complete_store`` publishes the blocks
   (and queues their SSD write-back), ``finish_load`` unpins.
-* ``request_finished``: nothing to keep alive; a load still waiting for its SSD staging is cancelled
-  and its (empty) job still goes out, because vLLM waits for the worker to report that request.
+* ``request_finished``: vLLM may free the request's blocks now; its stores in flight are *fenced* (their
+  blocks are watched until the stores end). A load still waiting for its SSD staging is cancelled and its
+  (empty) job still goes out, because vLLM waits for the worker to report that request.
+* ``has_pending_work`` keeps the engine stepping while loads stage or stores are in flight; a reset of our
+  tiers (``reset_cache``) rolls back the stores in flight when they end instead of publishing them.
 * ``take_events``: the cache's tier events as vLLM ``BlockStored`` / ``BlockRemoved`` (`kv_events`).
 
 Load failures (an SSD read or checksum that fails, a block evicted between lookup and load) become
@@ -41,6 +46,8 @@ from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
 
 from flexkv_core.cache import LoadPlan, StorePlan, TieredCache
 from flexkv_core.config import FlexKVConfig, configure_logging
@@ -164,7 +171,10 @@ class _Load:
 class _Store:
     plan: StorePlan
     pending_workers: int
+    req_id: str = ""
+    block_ids: list[int] = field(default_factory=list)  # engine blocks the workers read
     failed: bool = False
+    stale: bool = False  # our tiers were reset meanwhile: roll back instead of publishing
 
 
 class FlexKVScheduler:
@@ -195,6 +205,8 @@ class FlexKVScheduler:
         self._waiting_loads: dict[str, _Load] = {}  # req id -> load not yet sent (staging or cancelled)
         self._loads: dict[int, _Load] = {}  # job id -> load sent to the workers
         self._stores: dict[int, _Store] = {}  # job id -> store sent to the workers
+        self._fences: dict[int, set[int]] = {}  # engine block -> stores in flight of ended requests reading it
+        self._load_blocks: set[int] = set()  # engine blocks given to loads since the last step
         self._stats = FlexKVConnectorStats()
         self._kv_cache_manager: KVCacheManager | None = None
         self._seen_hash_map: int | None = None  # id() of vLLM's prefix-cache map (see take_events)
@@ -308,6 +320,7 @@ class FlexKVScheduler:
                      request.request_id, n - k, n)
         self._waiting_loads[request.request_id] = _Load(request.request_id, plan, engine_blocks[:k],
                                                         engine_blocks[k:])
+        self._load_blocks.update(engine_blocks)  # written by the load: fenced like any reallocated block
 
     def _ready_loads(self) -> list[LoadJob]:
         """Load jobs for every waiting load whose bytes are in CPU slots now (or that was cancelled)."""
@@ -368,19 +381,42 @@ class FlexKVScheduler:
                 self.cache.complete_store(plan, ok=False)
                 log.warning("no block table for request %s: its blocks are not stored", req_id)
                 continue
-            engine_blocks = block_ids[0]
-            self._stores[plan.job_id] = _Store(plan, self.num_workers)
-            jobs.append(StoreJob(plan.job_id, req_id, [engine_blocks[start + p] for p in plan.positions],
-                                 list(plan.slots)))
+            engine_blocks = [block_ids[0][start + p] for p in plan.positions]
+            self._stores[plan.job_id] = _Store(plan, self.num_workers, req_id, engine_blocks)
+            jobs.append(StoreJob(plan.job_id, req_id, engine_blocks, list(plan.slots)))
         return jobs
+
+    def _jobs_to_flush(self, scheduler_output: SchedulerOutput) -> list[int]:
+        """Stores in flight the workers must finish before this step's forward pass: those of requests
+        preempted in this step (vLLM freed their blocks), and those reading a block allocated in this step."""
+        flush = set()
+        preempted = scheduler_output.preempted_req_ids or ()
+        if preempted:
+            flush.update(job_id for job_id, st in self._stores.items() if st.req_id in preempted)
+        allocated, self._load_blocks = self._load_blocks, set()
+        if self._fences:
+            for _req_id, new_blocks, _resumed in yield_req_data(scheduler_output):
+                if new_blocks:
+                    allocated.update(new_blocks[0])
+            for block in allocated & self._fences.keys():
+                flush.update(self._fences[block])
+        return sorted(flush)
+
+    def _unfence(self, job_id: int, st: _Store) -> None:
+        for block in st.block_ids:
+            jobs = self._fences.get(block)
+            if jobs is not None:
+                jobs.discard(job_id)
+                if not jobs:
+                    del self._fences[block]
 
     # ---- per step --------------------------------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> FlexKVConnectorMetadata:
         if not scheduler_output.total_num_scheduled_tokens:
             self._idle_wait_for_staging()
-        meta = FlexKVConnectorMetadata(pool=self.pool_info, loads=self._ready_loads(),
-                                       stores=self._store_jobs(scheduler_output))
+        meta = FlexKVConnectorMetadata(loads=self._ready_loads(), stores=self._store_jobs(scheduler_output),
+                                       flush=self._jobs_to_flush(scheduler_output))
         for req_id in scheduler_output.finished_req_ids or ():
             self._requests.pop(req_id, None)
         return meta
@@ -411,7 +447,8 @@ class FlexKVScheduler:
                 continue
             if isinstance(job, _Store):
                 del self._stores[job_id]
-                self.cache.complete_store(job.plan, ok=not job.failed)
+                self._unfence(job_id, job)
+                self.cache.complete_store(job.plan, ok=not job.failed and not job.stale)
             else:
                 del self._loads[job_id]
                 self.cache.finish_load(job.plan)
@@ -419,9 +456,13 @@ class FlexKVScheduler:
                     self.cache.metrics.moved("cpu_to_engine", len(job.block_ids) * self.pool_info.slot_bytes)
 
     def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
-        """Nothing of ours holds engine blocks past this point (stores finish within their step), so
-        vLLM may free the blocks now. A load that has not gone out yet is cancelled."""
+        """vLLM may free the request's blocks now: its stores in flight are fenced from here on (a step that
+        hands one of their blocks out again first finishes them). A load not sent yet is cancelled."""
         self._requests.pop(request.request_id, None)
+        for job_id, st in self._stores.items():
+            if st.req_id == request.request_id:
+                for block in st.block_ids:
+                    self._fences.setdefault(block, set()).add(job_id)
         load = self._waiting_loads.get(request.request_id)
         if load is not None and not load.cancelled:
             load.cancelled = True
@@ -456,10 +497,15 @@ class FlexKVScheduler:
         return stats
 
     def has_pending_work(self) -> bool:
-        """Loads waiting for SSD staging need steps to go out even when nothing else runs."""
-        return bool(self._waiting_loads)
+        """Loads waiting for SSD staging need steps to go out, and stores in flight steps to start and to
+        be reported, even when nothing else runs."""
+        return bool(self._waiting_loads) or bool(self._stores)
 
     def reset_cache(self) -> bool:
+        # Stores in flight hold bytes computed before the reset (weights may have changed): they end as
+        # rollbacks. Their slots stay reserved until the workers report them: a worker may still write.
+        for st in self._stores.values():
+            st.stale = True
         self.cache.reset()
         return True
 
@@ -478,4 +524,11 @@ class FlexKVScheduler:
         if self.node is not None:
             self.node.close()
             self.node = None
+        # No worker reports anything any more: roll back the stores in flight (the workers stopped before
+        # the scheduler, or their copies land in a pool nobody reads again) and unpin loads.
+        for st in self._stores.values():
+            self.cache.complete_store(st.plan, ok=False)
+        for load in [*self._loads.values(), *self._waiting_loads.values()]:
+            self.cache.finish_load(load.plan)
+        self._stores, self._loads, self._waiting_loads, self._fences = {}, {}, {}, {}
         self.cache.close()
