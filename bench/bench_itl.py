@@ -13,6 +13,11 @@ one after the other (the order alternates between rounds, so drift on a shared m
   runs its prefill (one output token). With FlexKV its KV is stored into the CPU tier: those are the
   stores the decoders run beside.
 
+Before that, right after each engine starts, two cold ``--long-tokens`` prompts run one after the other:
+the first request's extra latency (its time minus the second's) with FlexKV, less the same with vLLM
+alone, is what setting up our side costs the first request (attaching the pool, first touch of its pages;
+on a GPU, waiting for the first pinned chunk).
+
 The inter-token latency of the decoders is the time between two of their tokens, taken where the outputs
 arrive (``LLMEngine.step``). The headline is the ratio of the median (p50) ITL, FlexKV / vLLM alone, per
 round and pooled over rounds (target <= 1.03); p90 and the median over the intervals that contain no prefill
@@ -88,6 +93,24 @@ def start(model: str, flexkv: bool, workdir: str, args: argparse.Namespace) -> A
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def first_requests(llm: Any, args: argparse.Namespace, vocab: int) -> tuple[float, float]:
+    """Latency of the first request after start and of the second (cold prompts, one output token)."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
+    rng = random.Random(7)
+    times = []
+    for i in range(2):
+        start = time.perf_counter()
+        engine.add_request(f"first{i}", {"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(args.long_tokens)]},
+                           params)
+        while engine.has_unfinished_requests():
+            engine.step()
+        times.append(time.perf_counter() - start)
+    return times[0], times[1]
 
 
 def run_workload(llm: Any, tag: str, args: argparse.Namespace, rng: random.Random, vocab: int,
@@ -188,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import AutoConfig
 
         vocab = AutoConfig.from_pretrained(model).vocab_size
+        first: dict[str, tuple[float, float]] = {}
         engines["plain"] = start(model, False, workdir, args)
+        first["plain"] = first_requests(engines["plain"], args, vocab)
         engines["flexkv"] = start(model, True, workdir, args)
+        first["flexkv"] = first_requests(engines["flexkv"], args, vocab)
         rng = random.Random(0)
         for name, llm in engines.items():  # warm-up: compilation, first touch of memory
             run_workload(llm, f"warm-{name}", args, rng, vocab, decode_steps=max(8, args.long_every // 2))
@@ -210,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         return [x for s in results[name] for x in getattr(s, attr)]
 
     ratios = [pct(f.itl, 0.5) / pct(p.itl, 0.5) for f, p in zip(results["flexkv"], results["plain"])]
+    extra = {k: (a - b) * 1e3 for k, (a, b) in first.items()}
+    print(f"\nFirst request after start, {args.long_tokens}-token prompt (ms): vLLM alone {first['plain'][0] * 1e3:.0f} "
+          f"then {first['plain'][1] * 1e3:.0f}; FlexKV {first['flexkv'][0] * 1e3:.0f} then {first['flexkv'][1] * 1e3:.0f}; "
+          f"extra latency of FlexKV's first request: {extra['flexkv'] - extra['plain']:+.0f} ms")
     print(f"\nDecode ITL, {args.decoders} decoders, a {args.long_tokens}-token prefill every {args.long_every} decode "
           f"steps, {args.rounds} rounds x {args.decode_steps} steps (ms; load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores)")
@@ -224,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
           f"intervals with no prefill: {quiet_ratio:.3f}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "ratios": ratios, "pooled_ratio": pooled_ratio,
+            json.dump({"args": vars(args), "ratios": ratios, "pooled_ratio": pooled_ratio, "first_requests": first,
                        "no_prefill_ratio": quiet_ratio,
                        "samples": {k: [vars(s) for s in v] for k, v in results.items()}}, fh)
     return 0

@@ -137,6 +137,7 @@ def drain_to_vllm(engine: Engine) -> None:
 
 def assert_quiescent(engine: Engine) -> None:
     """No job, pin or slot of ours outlives the requests, and vLLM holds no request or block."""
+    engine.settle()  # stores are reported in a later step than the one that computed their blocks
     fk = engine.flexkv
     assert fk.in_flight() == {"waiting_loads": 0, "loads": 0, "stores": 0, "requests": 0}
     assert fk.cache.flush(timeout=30)
