@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 FAST := not slow and not engine and not servers and not dynamo
 
-.PHONY: setup demo test test-fast lint bench lock clean
+.PHONY: setup demo test test-fast lint bench gpu-check lock clean
 setup:
 	@bash scripts/setup.sh
 
@@ -25,8 +25,13 @@ lint: setup
 bench: setup
 	$(PY) bench/bench_index.py --blocks 1000000
 	$(PY) bench/bench_cpu_tier.py
+	$(PY) bench/bench_itl.py
 	$(PY) bench/bench_ssd_tier.py
 	$(PY) bench/bench_engine_wait.py
+
+# On a machine with one NVIDIA GPU and a CUDA PyTorch (no vLLM, no network needed): see scripts/gpu_check.sh.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 lock:
 	bash scripts/lock.sh

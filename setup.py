@@ -73,5 +73,7 @@ setup(
     cmdclass={"build": build_with_hook, "build_hook_pth": build_hook_pth},
     ext_modules=[
         Extension("flexkv_core.native._index", ["flexkv_core/native/index.c"], extra_compile_args=C_FLAGS),
+        Extension("flexkv_core.native._copy", ["flexkv_core/native/copy.c"], extra_compile_args=[*C_FLAGS, "-pthread"],
+                  extra_link_args=["-pthread"]),
     ],
 )

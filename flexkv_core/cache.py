@@ -179,7 +179,8 @@ class TieredCache:
 
     def complete_store(self, plan: StorePlan, ok: bool = True) -> int:
         """The engine finished copying ``plan`` (``ok``) or gave up: publish or roll back. A block is published
-        only if its parent is in one of our tiers by then (another job storing the parent may have failed): it
+        only if its parent is stored in one of our tiers by then (another job storing the parent may have
+        failed, or not finished yet): it
         and the rest of the plan are rolled back otherwise, so no announced block lacks its parent. Returns how
         many leading blocks of the plan were published."""
         if not plan.block_hashes:
@@ -204,7 +205,7 @@ class TieredCache:
         return (self.index.state(Tier.CPU, rows) != ABSENT) | (self.index.state(Tier.SSD, rows) != ABSENT)
 
     def _publishable(self, rows: np.ndarray, positions: list[int]) -> int:
-        """How many leading blocks of a store have their parent held. A block right after the previous one of
+        """How many leading blocks of a store have their parent stored (READY in a tier). A block right after the previous one of
         the plan chains onto it; the others chain onto a block that was held at reserve time and may have
         failed to arrive since."""
         pos = np.asarray(positions)
@@ -213,7 +214,9 @@ class TieredCache:
         at = np.flatnonzero(first)
         prow = self.index.parents(rows[at])
         ok = prow < 0
-        ok[~ok] = self._held(prow[~ok])
+        # READY, not merely held: a parent still on its way (another store in flight, possibly completing
+        # later, possibly failing) would be announced after its child, and the router drops such a child.
+        ok[~ok] = ((self.index.state(Tier.CPU, prow[~ok]) == READY) | (self.index.state(Tier.SSD, prow[~ok]) == READY))
         bad = at[~ok]
         return int(bad[0]) if bad.size else int(rows.size)
 

@@ -17,7 +17,7 @@ copies). Both read the FlexKV configuration (``FLEXKV_CONFIG_PATH`` > ``FLEXKV_*
 The per-step order vLLM 0.31 follows (CPU backend; asynchronous loads run after the forward pass)::
 
     scheduler: get_num_new_matched_tokens -> update_state_after_alloc -> build_connector_meta
-    worker:    bind_connector_metadata -> forward -> start_load_kv -> wait_for_save
+    worker:    handle_preemptions -> bind_connector_metadata -> forward -> start_load_kv -> wait_for_save
                -> get_finished -> get_block_ids_with_load_errors -> get_kv_connector_stats
                -> build_connector_worker_meta -> clear_connector_metadata
     scheduler: request_finished (requests that ended) -> update_connector_output
@@ -37,8 +37,9 @@ value (`flexkv_dynamo.guard`). What each callback answers after a failure, and w
 * ``take_events`` / ``get_kv_connector_stats``: none this step (the router may credit a block we no longer
   hold: the lookup misses and vLLM computes it). ``has_pending_push_work``: yes (keep stepping).
   ``reset_cache``: the reset failed (vLLM reports it).
-* worker ``start_load_kv``: its loads end as load errors; ``wait_for_save``: its stores are reported
-  failed; ``get_finished``: every running load is waited for and ended as failed;
+* worker ``handle_preemptions``: every store in flight is waited for (so no fence is skipped) and those
+  not started are reported failed; ``start_load_kv``: its loads end as load errors; ``wait_for_save``: its
+  stores are reported failed; ``get_finished``: every running load is waited for and ended as failed;
   ``get_block_ids_with_load_errors``: every block of the loads reported finished this step (never
   bytes vLLM would take for loaded when they are not); ``build_connector_worker_meta``: none this step
   (the jobs are reported with the next).
@@ -113,7 +114,7 @@ class FlexKVConnector(KVConnectorBase_V1):
         else:
             from .worker import FlexKVWorker
 
-            self.worker_side = FlexKVWorker(vllm_config, kv_cache_config)
+            self.worker_side = FlexKVWorker(vllm_config, kv_cache_config, config)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -143,6 +144,21 @@ class FlexKVConnector(KVConnectorBase_V1):
         except Exception as exc:  # noqa: BLE001 - without views every copy job fails: misses, not a dead engine
             self.failures.record("register_kv_caches", (), exc, "nothing: every later copy job fails")
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        # The start of every step, before the forward pass: stores of the last step start, and stores whose
+        # engine blocks this step reuses finish (see flexkv_dynamo.worker).
+        if self.worker_side is None:
+            return
+        if not isinstance(kv_connector_metadata, FlexKVConnectorMetadata):
+            raise TypeError(f"FlexKVConnector got connector metadata of type {type(kv_connector_metadata).__name__}")
+        try:
+            self._point("handle_preemptions")
+            self.worker_side.handle_preemptions(kv_connector_metadata)
+        except Exception as exc:  # noqa: BLE001
+            self.failures.record("handle_preemptions", [job.req_id for job in kv_connector_metadata.stores], exc,
+                                 "stores in flight waited for; a failed one is reported failed (not cached)")
+            self._quietly("finish the stores in flight", self.worker_side.drain_stores)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         if self.worker_side is None or not self.has_connector_metadata():
             return
@@ -165,7 +181,7 @@ class FlexKVConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
-        return  # stores copy whole blocks after the forward pass (wait_for_save)
+        return  # stores copy whole blocks, from the next step on (wait_for_save, handle_preemptions)
 
     def wait_for_save(self) -> None:
         if self.worker_side is None or not self.has_connector_metadata():
@@ -259,12 +275,12 @@ class FlexKVConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         side = self.scheduler_side
         if side is None:
-            return FlexKVConnectorMetadata(pool=None)
+            return FlexKVConnectorMetadata()
         try:
             return side.build_connector_meta(scheduler_output)
         except Exception as exc:  # noqa: BLE001
             meta = self._quietly("abandon the step", lambda: side.abandon_step(scheduler_output))
-            meta = meta or FlexKVConnectorMetadata(pool=side.pool_info)
+            meta = meta or FlexKVConnectorMetadata()
             self.failures.record("build_connector_meta", [job.req_id for job in meta.loads], exc,
                                  "no store this step, unsent loads as load errors (recomputed)")
             return meta

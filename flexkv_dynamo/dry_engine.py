@@ -17,9 +17,13 @@ What stands in for what cannot run without a model:
 * the workers: each load and store job of the step is carried out as `FlexKVWorker` does it, except that
   a block's *content* is an 8-byte tag, the engine hash of the block it holds, instead of its KV bytes.
   The forward pass writes the tag into each engine block it completes; a store copies tags into the
-  CPU pool's real slots; a load copies them back. A load that fills an engine block with a tag other
+  CPU pool's real slots; a load copies them back. Stores are deferred as the real worker defers them, in
+  the way most hostile to a missing fence: a store job of one step copies its tags only *after the next
+  step's forward pass* (which may have rewritten a reallocated block), unless that step's ``flush`` names
+  it, in which case it copies before the forward pass. A load that fills an engine block with a tag other
   than that block's hash is recorded in `wrong_loads` (a wrong slot, a block loaded before it was
-  stored...). Jobs can be made to fail (`fail_jobs`), as a worker reports a failed copy;
+  stored, a store that read a block overwritten under it...). Jobs can be made to fail (`fail_jobs`), as a
+  worker reports a failed copy;
 * vLLM's KV event publisher: `events` keeps every event of every batch, in order.
 """
 
@@ -166,6 +170,7 @@ class DryEngine:
         self._hasher = get_request_block_hasher(block_size, hash_fn)
         self._engine_tags: dict[int, int] = {}  # engine block id -> tag of the block it holds
         self.wrong_loads: list[WrongLoad] = []
+        self._deferred: list[StoreJob] = []  # store jobs of the last step, copied during this one
         self._outputs: dict[str, list[int]] = {}  # request id -> tokens the engine output so far
         #: A job (load or store) for which this returns True is reported as failed by the workers.
         self.fail_jobs: Callable[[LoadJob | StoreJob], bool] = lambda job: False
@@ -261,6 +266,12 @@ class DryEngine:
         from vllm.v1.outputs import ModelRunnerOutput
 
         requests = self.scheduler.requests
+        meta = output.kv_connector_metadata
+        worker_meta = FlexKVWorkerMetadata()
+        # The start of the step (the real worker's handle_preemptions): fenced stores finish first.
+        flush = set(meta.flush) if isinstance(meta, FlexKVConnectorMetadata) else set()
+        self._finish_stores([job for job in self._deferred if job.job_id in flush], worker_meta)
+        self._deferred = [job for job in self._deferred if job.job_id not in flush]
         req_ids = list(output.num_scheduled_tokens)
         sampled: list[list[int]] = []
         for req_id in req_ids:
@@ -273,7 +284,7 @@ class DryEngine:
                 sampled.append([token])
             else:
                 sampled.append([])  # a chunk of a longer prompt: nothing to sample yet
-        kv_output = self._workers(output.kv_connector_metadata)
+        kv_output = self._workers(meta, worker_meta)
         return ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                  sampled_token_ids=sampled, kv_connector_output=kv_output)
 
@@ -291,17 +302,17 @@ class DryEngine:
         for i in range(first, last):
             self._engine_tags[table[i]] = engine_hash_to_int(request.block_hashes[i])
 
-    def _workers(self, meta: FlexKVConnectorMetadata | None) -> KVConnectorOutput | None:
-        """Run the step's jobs as `FlexKVWorker` does (loads after the forward pass, then stores)."""
+    def _workers(self, meta: FlexKVConnectorMetadata | None, worker_meta: FlexKVWorkerMetadata) -> KVConnectorOutput | None:
+        """After the forward pass, as `FlexKVWorker` does: the step's loads, the stores of the last step still
+        in flight (they finish now), and this step's stores recorded for the next step."""
         from vllm.v1.outputs import KVConnectorOutput
 
-        if meta is None or meta.is_empty():
-            return None
-        worker_meta = FlexKVWorkerMetadata()
+        self._finish_stores(self._deferred, worker_meta)
+        self._deferred = list(meta.stores) if meta is not None else []
         finished_recving: set[str] = set()
         errors: set[int] = set()
         pool = self.flexkv.cache.pool if self.tags else None
-        for job in meta.loads:
+        for job in meta.loads if meta is not None else ():
             finished_recving.add(job.req_id)
             errors.update(job.failed_block_ids)
             if self.fail_jobs(job):
@@ -311,7 +322,15 @@ class DryEngine:
             if pool is not None and job.block_ids:
                 self._load_tags(job, pool)
             worker_meta.done[job.job_id] = 1
-        for job in meta.stores:
+        if not finished_recving and not errors and worker_meta.is_empty():
+            return None
+        return KVConnectorOutput(finished_recving=finished_recving or None, invalid_block_ids=errors,
+                                 kv_connector_worker_meta=None if worker_meta.is_empty() else worker_meta)
+
+    def _finish_stores(self, jobs: list[StoreJob], worker_meta: FlexKVWorkerMetadata) -> None:
+        """Copy the stores' engine blocks (their tags as they are now) into their CPU slots and report them."""
+        pool = self.flexkv.cache.pool if self.tags else None
+        for job in jobs:
             if self.fail_jobs(job):
                 worker_meta.failed[job.job_id] = 1
                 continue
@@ -320,8 +339,6 @@ class DryEngine:
                     tag = self._engine_tags.get(block_id, 0)
                     pool.slot(slot)[:_TAG_BYTES] = tag.to_bytes(_TAG_BYTES, "little")
             worker_meta.done[job.job_id] = 1
-        return KVConnectorOutput(finished_recving=finished_recving or None, invalid_block_ids=errors,
-                                 kv_connector_worker_meta=None if worker_meta.is_empty() else worker_meta)
 
     def _load_tags(self, job: LoadJob, pool: Any) -> None:
         request = self.scheduler.requests.get(job.req_id)

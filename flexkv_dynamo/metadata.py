@@ -5,17 +5,24 @@ step runs; with a multi-process executor it is pickled, so everything here is pl
 answer with `FlexKVWorkerMetadata` (``build_connector_worker_meta``); vLLM merges the answers of all
 workers with ``aggregate`` and passes the sum to the scheduler's ``update_connector_output``.
 
-The contract between the two sides, which is what makes the connector safe without holding vLLM's
-blocks after a request ends:
+The contract between the two sides:
 
+* The pool's name and layout are not in here: each worker asks the cache's service for them once
+  (``attach`` at ``FLEXKV_SERVER_RECV_PORT``, see `flexkv_dynamo.worker`).
 * A store job names engine blocks that are complete once this step's forward pass has run. The worker
-  copies them in ``wait_for_save`` of the *same* step and does not return before the copy is done, so
-  the bytes are in the pool before the scheduler can learn that the request finished (and free its
-  blocks). The scheduler publishes the blocks (``complete_store``) when every worker reported the job.
+  starts copying them at the beginning of the *next* step (vLLM's offloading connector does the same: the
+  copy then overlaps that step's forward instead of this step's sampling) and reports the job in the step's
+  answer in which it finds the copy finished. The scheduler publishes the blocks (``complete_store``) when
+  every worker reported the job: blocks are announced only once their bytes are in place.
+* Engine blocks a store still reads must not be overwritten. vLLM frees a request's blocks when it ends
+  or is preempted, and may hand them to another request at once; so the scheduler lists in ``flush`` every
+  store job that reads a block allocated in this step, or that belongs to a request preempted in this
+  step, and the worker finishes those jobs before the forward pass (``handle_preemptions``). Blocks of a
+  running request are never rewritten while it runs.
 * A load job is sent only once its CPU slots hold the bytes (SSD staging done). The worker copies
   them into the named engine blocks and reports the job *and* its request id (``finished_recving``) in
-  the same step; ``failed_block_ids`` (blocks we promised but cannot deliver) are reported as load
-  errors in that step too, so vLLM recomputes them. Every request that waits for a load gets exactly
+  the step the copy is done; ``failed_block_ids`` (blocks we promised but cannot deliver) are reported as
+  load errors in that step too, so vLLM recomputes them. Every request that waits for a load gets exactly
   one load job, possibly with nothing to copy (its request was aborted meanwhile): vLLM frees the
   blocks of a request that ends while waiting only after the worker reports it.
 """
@@ -34,7 +41,8 @@ from flexkv_core.layout import KVLayout
 
 @dataclass(frozen=True)
 class PoolInfo:
-    """Where the CPU tier lives: what a worker needs to map it (`flexkv_core.tiers.cpu.CpuPool.attach`)."""
+    """Where the CPU tier lives: what a worker needs to map it (`flexkv_core.tiers.cpu.CpuPool.attach`).
+    The cache's service answers it (``attach``); it never travels in the per-step metadata."""
 
     name: str
     num_slots: int
@@ -66,12 +74,13 @@ class LoadJob:
 
 @dataclass
 class FlexKVConnectorMetadata(KVConnectorMetadata):
-    pool: PoolInfo | None
     loads: list[LoadJob] = field(default_factory=list)
     stores: list[StoreJob] = field(default_factory=list)
+    #: store jobs (of earlier steps) to finish before this step's forward pass: their blocks are reused now
+    flush: list[int] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not self.loads and not self.stores
+        return not self.loads and not self.stores and not self.flush
 
 
 @dataclass

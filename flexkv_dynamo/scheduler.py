@@ -11,13 +11,18 @@ It runs inside vLLM's scheduler (the EngineCore process) and answers vLLM's sche
   I/O threads).
 * ``build_connector_meta``: each step, hand the workers (1) the loads whose bytes are in CPU slots,
   (2) a store job per request for the blocks this step's forward pass completes
-  (`TieredCache.reserve_store`: CPU slots, blocks we already hold skipped). See `metadata` for why
-  stores need no ``delay_free``.
+  (`TieredCache.reserve_store`: CPU slots, blocks we already hold skipped), which the workers copy from
+  the next step on, and (3) ``flush``: stores in flight that read engine blocks vLLM hands out again in
+  this step, or whose request was preempted, which the workers finish before the forward pass. See
+  `metadata` and `flexkv_dynamo.worker` for why fences rather than ``delay_free``.
 * ``update_connector_output``: a job all workers reported ends (in job order, so that parents are
   published before the children another job stored): ``complete_store`` publishes the blocks (and
   queues their SSD write-back), ``finish_load`` unpins.
-* ``request_finished``: nothing to keep alive; a load still waiting for its SSD staging is cancelled
-  and its (empty) job still goes out, because vLLM waits for the worker to report that request.
+* ``request_finished``: vLLM may free the request's blocks now; its stores in flight are *fenced* (their
+  blocks are watched until the stores end). A load still waiting for its SSD staging is cancelled and its
+  (empty) job still goes out, because vLLM waits for the worker to report that request.
+* ``has_pending_work`` keeps the engine stepping while loads stage or stores are in flight; a reset of our
+  tiers (``reset_cache``) rolls back the stores in flight when they end instead of publishing them.
 * ``take_events``: the cache's tier events as vLLM ``BlockStored`` / ``BlockRemoved`` (`kv_events`),
   or, after vLLM reset its prefix cache, everything our tiers hold (`note_gpu_resets`).
 
@@ -59,6 +64,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_events import AllBlocksCleared
+from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
 
 from flexkv_core.cache import LoadPlan, StorePlan, TieredCache
 from flexkv_core.config import FlexKVConfig, configure_logging
@@ -200,7 +206,9 @@ class _Store:
     start: int  # the chain position of the plan's block 0 (positions are relative to it)
     pending_workers: int
     sent: bool = False
+    block_ids: list[int] = field(default_factory=list)  # engine blocks the workers read
     failed: bool = False
+    stale: bool = False  # our tiers were reset meanwhile: roll back instead of publishing
 
 
 class FlexKVScheduler:
@@ -248,6 +256,8 @@ class FlexKVScheduler:
         self._load_of: dict[str, _Load] = {}  # req id -> its load, waiting or sent, until the job ends
         self._stores: dict[int, _Store] = {}  # job id -> store sent to the workers
         self._own_job_ids = itertools.count(-1, -1)  # ids of load jobs the cache never planned (failures)
+        self._fences: dict[int, set[int]] = {}  # engine block -> stores in flight of ended requests reading it
+        self._load_blocks: set[int] = set()  # engine blocks given to loads since the last step
         self._stats = FlexKVConnectorStats()
         self._kv_cache_manager: KVCacheManager | None = None
         self._reannounce = False  # vLLM's prefix cache was reset: the router forgot our tiers
@@ -378,6 +388,7 @@ class FlexKVScheduler:
         load = _Load(request.request_id, plan.job_id, plan, engine_blocks[:k], engine_blocks[k:],
                      staging=None if plan.ready.done() else frozenset(plan.block_hashes))
         self._waiting_loads[request.request_id] = self._load_of[request.request_id] = load
+        self._load_blocks.update(engine_blocks)  # written by the load: fenced like any reallocated block
         self._fault("update_state_after_alloc")
 
     def fail_load(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -493,7 +504,7 @@ class FlexKVScheduler:
             st.stored_upto = min(st.stored_upto, start + plan.positions[0])
             log.warning("no block table for request %s: its blocks are not stored", request.request_id)
             return None
-        self._stores[plan.job_id] = _Store(plan, request.request_id, start, self.num_workers)
+        self._stores[plan.job_id] = _Store(plan, request.request_id, start, self.num_workers, block_ids=block_ids)
         return StoreJob(plan.job_id, request.request_id, block_ids, list(plan.slots))
 
     def _engine_block_ids(self, req_id: str, positions: list[int],
@@ -518,6 +529,30 @@ class FlexKVScheduler:
         if st is not None and store.plan.positions:
             st.stored_upto = min(st.stored_upto, store.start + store.plan.positions[0])
 
+    def _jobs_to_flush(self, scheduler_output: SchedulerOutput) -> list[int]:
+        """Stores in flight the workers must finish before this step's forward pass: those of requests
+        preempted in this step (vLLM freed their blocks), and those reading a block allocated in this step."""
+        flush = set()
+        preempted = scheduler_output.preempted_req_ids or ()
+        if preempted:
+            flush.update(job_id for job_id, st in self._stores.items() if st.req_id in preempted)
+        allocated, self._load_blocks = self._load_blocks, set()
+        if self._fences:
+            for _req_id, new_blocks, _resumed in yield_req_data(scheduler_output):
+                if new_blocks:
+                    allocated.update(new_blocks[0])
+            for block in allocated & self._fences.keys():
+                flush.update(self._fences[block])
+        return sorted(flush)
+
+    def _unfence(self, job_id: int, st: _Store) -> None:
+        for block in st.block_ids:
+            jobs = self._fences.get(block)
+            if jobs is not None:
+                jobs.discard(job_id)
+                if not jobs:
+                    del self._fences[block]
+
     # ---- per step --------------------------------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> FlexKVConnectorMetadata:
@@ -527,7 +562,7 @@ class FlexKVScheduler:
         loads = self._ready_loads()
         stores = self._store_jobs(scheduler_output)
         self._forget(scheduler_output.finished_req_ids)
-        meta = FlexKVConnectorMetadata(pool=self.pool_info, loads=loads, stores=stores)
+        meta = FlexKVConnectorMetadata(loads=loads, stores=stores, flush=self._jobs_to_flush(scheduler_output))
         self._fault("build_connector_meta")
         self._mark_sent(meta)
         return meta
@@ -549,8 +584,9 @@ class FlexKVScheduler:
             self._quietly("release a load", lambda ld=load: self._release(ld))
             load.missing_block_ids = load.block_ids + load.missing_block_ids
             load.block_ids = []
-        meta = FlexKVConnectorMetadata(pool=self.pool_info,
-                                       loads=[self._send_load(load, 0) for load in list(self._waiting_loads.values())])
+        # Stores in flight may read blocks handed out again in this step: finish them all first.
+        meta = FlexKVConnectorMetadata(loads=[self._send_load(load, 0) for load in list(self._waiting_loads.values())],
+                                       flush=sorted(self._stores))
         self._forget(scheduler_output.finished_req_ids or ())
         self._mark_sent(meta)
         return meta
@@ -608,8 +644,9 @@ class FlexKVScheduler:
     def _end_job(self, job_id: int, job: _Store | _Load) -> None:
         if isinstance(job, _Store):
             del self._stores[job_id]
-            published = self.cache.complete_store(job.plan, ok=not job.failed)
-            if job.failed or (isinstance(published, int) and published < len(job.plan.block_hashes)):
+            self._unfence(job_id, job)
+            published = self.cache.complete_store(job.plan, ok=not job.failed and not job.stale)
+            if job.failed or published < len(job.plan.block_hashes):
                 self._unwind_store(job)
             return
         del self._loads[job_id]
@@ -626,6 +663,7 @@ class FlexKVScheduler:
         """Forget a job whose completion failed, giving back what it still holds."""
         if isinstance(job, _Store):
             if self._stores.pop(job_id, None) is not None:
+                self._unfence(job_id, job)
                 self._unwind_store(job)
                 self._quietly("roll back a store", lambda: self.cache.complete_store(job.plan, ok=False))
             return
@@ -635,9 +673,13 @@ class FlexKVScheduler:
         self._quietly("release a load", lambda: self._release(job))
 
     def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
-        """Nothing of ours holds engine blocks past this point (stores finish within their step), so
-        vLLM may free the blocks now. A load that has not gone out yet is cancelled."""
+        """vLLM may free the request's blocks now: its stores in flight are fenced from here on (a step that
+        hands one of their blocks out again first finishes them). A load not sent yet is cancelled."""
         self._requests.pop(request.request_id, None)
+        for job_id, st in self._stores.items():
+            if st.req_id == request.request_id:
+                for block in st.block_ids:
+                    self._fences.setdefault(block, set()).add(job_id)
         load = self._waiting_loads.get(request.request_id)
         if load is not None and not load.cancelled:
             load.cancelled = True
@@ -686,12 +728,17 @@ class FlexKVScheduler:
         return stats
 
     def has_pending_work(self) -> bool:
-        """Loads waiting for SSD staging need steps to go out even when nothing else runs."""
+        """Loads waiting for SSD staging need steps to go out, and stores in flight steps to start and to
+        be reported, even when nothing else runs."""
         self._fault("has_pending_push_work")
-        return bool(self._waiting_loads)
+        return bool(self._waiting_loads) or bool(self._stores)
 
     def reset_cache(self) -> bool:
         self._fault("reset_cache")
+        # Stores in flight hold bytes computed before the reset (weights may have changed): they end as
+        # rollbacks. Their slots stay reserved until the workers report them: a worker may still write.
+        for st in self._stores.values():
+            st.stale = True
         self.cache.reset()
         return True
 
@@ -717,4 +764,12 @@ class FlexKVScheduler:
         if self.node is not None:
             self.node.close()
             self.node = None
+        # No worker reports anything any more: roll back the stores in flight (the workers stopped before
+        # the scheduler, or their copies land in a pool nobody reads again) and unpin loads.
+        for st in self._stores.values():
+            self.cache.complete_store(st.plan, ok=False)
+        for load in [*self._loads.values(), *self._waiting_loads.values()]:
+            self._release(load)
+        self._stores, self._loads, self._waiting_loads, self._fences = {}, {}, {}, {}
+        self._load_of = {}
         self.cache.close()

@@ -2,16 +2,36 @@
 
 Each vLLM worker (one per TP rank) keeps views of its KV cache, one per (layer, K or V) *plane*, and a
 `flexkv_core.transfer.BlockCopier` that copies its own rank's part of a block between those views and
-the shared CPU pool. It learns the pool's name and layout from the first metadata it is given
-(`PoolInfo`) and attaches then.
+the shared CPU pool.
 
-Timing, per step (see `flexkv_dynamo.metadata` for the contract):
+**Set-up, off the request path.** vLLM registers the KV caches of every worker *before* it creates the
+scheduler, whose connector owns the cache and its pool (vLLM 0.31 ``EngineCore.__init__``:
+``_initialize_kv_caches``, then ``Scheduler(...)``). So ``register_kv_caches`` starts a thread that asks
+the cache's service at ``FLEXKV_SERVER_RECV_PORT`` for the pool (``attach``) until it answers, maps the
+pool, checks its layout against this worker's KV cache and builds the copier, which on CUDA starts pinning
+the pool in the background (`flexkv_core.tiers.cpu.CpuPool.start_pinning`). The per-step metadata
+carries no pool facts. Jobs that arrive before the copier is ready wait for it without holding up the
+step (stores stay deferred, loads queued; their requests keep waiting), and a copy whose pool slots are
+not pinned yet starts as soon as they are.
 
-* ``start_loads`` (vLLM's ``start_load_kv``, after the forward pass for asynchronous loads) starts the
-  copies pool -> engine; each finished load is reported by ``take_finished_loads`` in the step it
-  completes, with its failed blocks in ``take_load_errors`` of the same step.
-* ``run_stores`` (``wait_for_save``) copies engine -> pool and returns only once the copies are done,
-  so the engine blocks may be reused as soon as the scheduler sees this step's output.
+**Stores never hold up a step.** vLLM 0.31's own offloading connector is the model:
+
+* ``run_stores`` (vLLM's ``wait_for_save``, after the forward pass) only *records* the step's store
+  jobs; ``handle_preemptions`` (the start of the next step, before its forward pass) starts them: on the
+  CPU a helper thread copies with the GIL released, on CUDA a side stream waits for the compute stream by
+  an event. Each step's answer (``take_worker_meta``) reports the jobs found finished since the last one.
+* GPU blocks a store reads are protected by *fences*, not by holding them: the scheduler names in
+  ``flush`` the jobs whose blocks vLLM hands out again in this step (or whose request was preempted), and
+  ``handle_preemptions`` finishes those before the forward pass can overwrite anything. Fences were picked
+  over the alternative, ``request_finished`` asking vLLM to delay freeing the blocks until
+  ``finished_sending``: a delayed free keeps a finished request's blocks allocated until a later step
+  reports its stores, so vLLM's ``reset_prefix_cache`` fails meanwhile, and in an engine nobody steps
+  (offline ``LLM`` between calls) the blocks stay taken; preemption would still need a fence. A fence
+  costs nothing unless a just-freed block is reallocated while its store runs, which vLLM's free list
+  (freed blocks go to its tail) makes rare.
+* Loads: ``start_loads`` (``start_load_kv``, after the forward pass) starts the copies pool -> engine; on
+  the CPU they are done on return, on CUDA a load stream runs them; each finished load is reported by
+  ``take_finished_loads`` in the step it completes, with its failed blocks in ``take_load_errors``.
 
 How vLLM shapes one layer's KV cache, and so the plane views (`plane_views`):
 
@@ -26,11 +46,15 @@ How vLLM shapes one layer's KV cache, and so the plane views (`plane_views`):
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
+
+from flexkv_core.config import FlexKVConfig
+from flexkv_core.layout import KVLayout
 
 from .metadata import FlexKVConnectorMetadata, FlexKVWorkerMetadata, LoadJob, PoolInfo, StoreJob
 from .stats import FlexKVConnectorStats
@@ -39,9 +63,16 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
+    from flexkv_core.transfer import BlockCopier, CopyJob
+
 log = logging.getLogger(__name__)
 
 __all__ = ["FlexKVWorker", "plane_views"]
+
+#: How long one ``attach`` request to the cache's service may take before it is sent again.
+ATTACH_POLL_S = 2.0
+#: Longest a fence waits for the pool to be attached (a store that never started read nothing: it fails).
+ATTACH_WAIT_S = 60.0
 
 
 def plane_views(kv: torch.Tensor, *, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
@@ -71,33 +102,47 @@ def plane_views(kv: torch.Tensor, *, num_blocks: int, block_size: int, num_kv_he
 
 
 @dataclass
-class _RunningLoad:
-    job: LoadJob
-    copy: Any  # flexkv_core.transfer.CopyJob, or None when there is nothing to copy
+class _Running:
+    """A store or load job whose copies were started."""
+
+    job: StoreJob | LoadJob
+    copy: CopyJob | None  # None: nothing to copy
     started: float
-    nbytes: int
 
 
 class FlexKVWorker:
     """The worker-side connector logic of one TP rank (see the module docstring)."""
 
-    def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
+    def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: FlexKVConfig) -> None:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        from .scheduler import layout_from_vllm
 
         self.tp_rank = get_tensor_model_parallel_rank()
         group = kv_cache_config.kv_cache_groups[0]
         self.layer_names = list(group.layer_names)  # the scheduler's layout counts layers in this order
         self.spec = group.kv_cache_spec
         self.num_blocks = kv_cache_config.num_blocks
+        self.endpoint = config.server_recv_port
+        self.layout = layout_from_vllm(vllm_config, kv_cache_config)[0]  # what the pool's layout must be
         self.planes: list[torch.Tensor] = []
         self.pool = None
         self.pool_info: PoolInfo | None = None
-        self.copier = None
-        self._loads: list[_RunningLoad] = []
+        self.copier: BlockCopier | None = None
+        self._ready = threading.Condition()  # notified when the copier is built or attaching failed
+        self._attach_error: str | None = None
+        self._closing = threading.Event()
+        self._attach_thread: threading.Thread | None = None
+        self._deferred: list[StoreJob] = []  # recorded by run_stores, started by the next step
+        self._stores: dict[int, _Running] = {}  # job id -> store in flight
+        self._queued_loads: list[LoadJob] = []  # loads waiting for the copier
+        self._loads: list[_Running] = []
         self._finished: set[str] = set()
         self._errors: set[int] = set()
         self._meta = FlexKVWorkerMetadata()
         self._stats = FlexKVConnectorStats()
+
+    # ---- set-up ------------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         missing = [name for name in self.layer_names if name not in kv_caches]
@@ -111,75 +156,197 @@ class FlexKVWorker:
                                            num_kv_heads=self.spec.num_kv_heads, head_size=self.spec.head_size,
                                            kv_planes=planes_per_layer))
         kv = kv_caches[self.layer_names[0]]
-        log.info("FlexKV worker rank %d: %d planes of %d layers, KV cache %s %s on %s", self.tp_rank,
-                 len(self.planes), len(self.layer_names), tuple(kv.shape), kv.dtype, kv.device)
+        log.info("FlexKV worker rank %d: %d planes of %d layers, KV cache %s %s on %s; attaching to the cache "
+                 "at %s in the background", self.tp_rank, len(self.planes), len(self.layer_names), tuple(kv.shape),
+                 kv.dtype, kv.device, self.endpoint)
+        self._attach_thread = threading.Thread(target=self._attach, name=f"flexkv-attach-{self.tp_rank}",
+                                               daemon=True)
+        self._attach_thread.start()
 
-    def _ensure_copier(self, info: PoolInfo | None):
-        if info is None:
-            raise RuntimeError("FlexKV metadata names no CPU pool: is the scheduler side disabled while the "
-                               "workers are not?")
-        if self.copier is not None and info == self.pool_info:
-            return self.copier
-        if not self.planes:
-            raise RuntimeError("FlexKV worker got copy jobs before vLLM registered its KV caches")
+    def _attach(self) -> None:
+        """The attach thread: wait for the cache's service, map its pool, build the copier."""
+        from flexkv_core.client import CacheClient, ServiceUnavailable
         from flexkv_core.tiers.cpu import CpuPool
         from flexkv_core.transfer import BlockCopier
 
-        if len(self.planes) != info.layout.num_planes:
-            raise ValueError(f"FlexKV pool layout has {info.layout.num_planes} planes, this worker's KV cache "
-                             f"{len(self.planes)}: scheduler and worker disagree on the model")
-        if self.pool is not None:
-            self.pool.close()
-        self.pool = CpuPool.attach(info.name, info.num_slots, info.slot_bytes)
-        if self.planes[0].is_cuda:
-            self.pool.pin()  # page-locked once, so copies to and from the GPU are DMA
-        self.copier = BlockCopier(self.pool, info.layout, self.tp_rank, self.planes)
-        self.pool_info = info
-        return self.copier
+        started = time.monotonic()
+        next_note = started + 60
+        try:
+            with CacheClient(self.endpoint, timeout_s=ATTACH_POLL_S) as client:
+                while True:
+                    try:
+                        answer = client.call("attach")
+                        break
+                    except ServiceUnavailable:
+                        if self._closing.wait(0.05):
+                            return
+                        if time.monotonic() > next_note:  # vLLM may compile for minutes before the scheduler starts
+                            next_note += 60
+                            log.info("FlexKV worker rank %d: still waiting for the cache service at %s (%.0f s)",
+                                     self.tp_rank, self.endpoint, time.monotonic() - started)
+            info = PoolInfo(answer["pool"], answer["num_slots"], answer["slot_bytes"],
+                            KVLayout(**answer["layout"]))
+            if info.layout != self.layout:
+                raise ValueError(f"the cache at {self.endpoint} holds blocks of layout {info.layout}, this worker's "
+                                 f"KV cache is {self.layout}: is another engine's cache at that endpoint?")
+            pool = CpuPool.attach(info.name, info.num_slots, info.slot_bytes)
+            try:
+                copier = BlockCopier(pool, info.layout, self.tp_rank, self.planes)
+            except BaseException:
+                pool.close()
+                raise
+            with self._ready:
+                self.pool, self.pool_info, self.copier = pool, info, copier
+                self._ready.notify_all()
+            log.info("FlexKV worker rank %d attached to CPU pool %s (%d slots) in %.2f s", self.tp_rank, info.name,
+                     info.num_slots, time.monotonic() - started)
+        except Exception as exc:  # noqa: BLE001 - every job of this worker then fails: recomputed, never wrong
+            log.exception("FlexKV worker rank %d could not attach to the cache at %s: its copies fail (requests "
+                          "are recomputed)", self.tp_rank, self.endpoint)
+            with self._ready:
+                self._attach_error = f"{type(exc).__name__}: {exc}"
+                self._ready.notify_all()
+
+    def _copier(self, timeout: float) -> BlockCopier | None:
+        """The copier once attached (waiting up to ``timeout`` seconds); None meanwhile. RuntimeError if
+        attaching failed."""
+        with self._ready:
+            self._ready.wait_for(lambda: self.copier is not None or self._attach_error is not None, timeout)
+            if self._attach_error is not None:
+                raise RuntimeError(f"FlexKV worker is not attached to its cache: {self._attach_error}")
+            return self.copier
+
+    # ---- stores ------------------------------------------------------------------------------------
+
+    def run_stores(self, meta: FlexKVConnectorMetadata) -> None:
+        """``wait_for_save``: record this step's store jobs; the next step starts them."""
+        self._deferred.extend(meta.stores)
+
+    def handle_preemptions(self, meta: FlexKVConnectorMetadata) -> None:
+        """The start of a step, before its forward pass: start the stores recorded by the last step, then
+        finish every store whose engine blocks this step may overwrite (``meta.flush``)."""
+        self._start_deferred(ATTACH_WAIT_S if meta.flush else 0)
+        for job_id in meta.flush:
+            run = self._stores.get(job_id)
+            if run is None:
+                continue  # never started (failed at once) or already reported
+            try:
+                if run.copy is not None:
+                    run.copy.wait()
+                ok = True
+            except Exception:  # noqa: BLE001
+                log.exception("FlexKV store job %d (request %s) failed", job_id, run.job.req_id)
+                ok = False
+            self._end_store(job_id, ok)
+
+    def _start_deferred(self, attach_wait: float) -> None:
+        if not self._deferred:
+            return
+        try:
+            copier = self._copier(attach_wait)
+        except RuntimeError:
+            log.warning("FlexKV: %d store jobs fail: the worker is not attached", len(self._deferred))
+            for job in self._deferred:
+                self._report(job.job_id, ok=False)
+            self._deferred = []
+            return
+        if copier is None:
+            if attach_wait:  # a fence asked for these: they never read anything, so failing them is safe
+                for job in self._deferred:
+                    self._report(job.job_id, ok=False)
+                self._deferred = []
+            return  # keep them for the next step
+        now = time.perf_counter()
+        for job in self._deferred:
+            try:
+                copy = copier.to_pool(job.block_ids, job.slots) if job.block_ids else None
+            except Exception:  # noqa: BLE001 - a failed store is rolled back by the scheduler
+                log.exception("FlexKV store job %d (request %s) could not start", job.job_id, job.req_id)
+                self._report(job.job_id, ok=False)
+                continue
+            self._stores[job.job_id] = _Running(job, copy, now)
+        self._deferred = []
+
+    def _poll_stores(self) -> None:
+        for job_id, run in list(self._stores.items()):
+            try:
+                if run.copy is not None and not run.copy.done():
+                    continue
+                if run.copy is not None:
+                    run.copy.wait()  # done: returns at once, re-raising a failed copy's error
+                ok = True
+            except Exception:  # noqa: BLE001
+                log.exception("FlexKV store job %d (request %s) failed", job_id, run.job.req_id)
+                ok = False
+            self._end_store(job_id, ok)
+
+    def _end_store(self, job_id: int, ok: bool) -> None:
+        run = self._stores.pop(job_id)
+        self._report(job_id, ok)
+        if ok and run.copy is not None:
+            self._stats.add("store_blocks", run.copy.num_blocks)
+            self._stats.add("store_bytes", run.copy.nbytes)
+            self._stats.add("store_seconds", time.perf_counter() - run.started)
+
+    def _report(self, job_id: int, ok: bool) -> None:
+        target = self._meta.done if ok else self._meta.failed
+        target[job_id] = target.get(job_id, 0) + 1
 
     # ---- loads -------------------------------------------------------------------------------------
 
     def start_loads(self, meta: FlexKVConnectorMetadata) -> None:
-        if not meta.loads:
-            return
-        copier = self._ensure_copier(meta.pool)
-        for job in meta.loads:
-            copy, nbytes = None, len(job.block_ids) * meta.pool.layout.rank_bytes
-            if job.block_ids:
-                try:
-                    copy = copier.from_pool(job.slots, job.block_ids)
-                except Exception:  # noqa: BLE001 - a failed copy is a load error, never a crash or hang
-                    log.exception("FlexKV load job %d (request %s) could not start", job.job_id, job.req_id)
-                    self._end_load(_RunningLoad(job, None, time.perf_counter(), 0), ok=False)
-                    continue
-            self._loads.append(_RunningLoad(job, copy, time.perf_counter(), nbytes))
+        """``start_load_kv`` (after the forward pass): start this step's loads."""
+        self._queued_loads.extend(meta.loads)
+        self._start_loads()
 
-    def _end_load(self, run: _RunningLoad, ok: bool) -> None:
+    def _start_loads(self) -> None:
+        if not self._queued_loads:
+            return
+        try:
+            copier = self._copier(0)
+        except RuntimeError:
+            copier = None
+            for job in self._queued_loads:
+                self._end_load(_Running(job, None, time.perf_counter()), ok=False)
+            self._queued_loads = []
+        if copier is None:
+            return  # their requests keep waiting: the next step tries again
+        for job in self._queued_loads:
+            started = time.perf_counter()
+            try:
+                copy = copier.from_pool(job.slots, job.block_ids) if job.block_ids else None
+            except Exception:  # noqa: BLE001 - a failed copy is a load error, never a crash or hang
+                log.exception("FlexKV load job %d (request %s) could not start", job.job_id, job.req_id)
+                self._end_load(_Running(job, None, started), ok=False)
+                continue
+            self._loads.append(_Running(job, copy, started))
+        self._queued_loads = []
+
+    def _end_load(self, run: _Running, ok: bool) -> None:
         job = run.job
+        assert isinstance(job, LoadJob)
         self._finished.add(job.req_id)
         self._errors.update(job.failed_block_ids)
-        target = self._meta.done if ok else self._meta.failed
-        target[job.job_id] = target.get(job.job_id, 0) + 1
+        self._report(job.job_id, ok)
         if not ok:
             self._errors.update(job.block_ids)
             self._stats.add("load_error_blocks", len(job.block_ids))
-        elif job.block_ids:
-            self._stats.add("load_blocks", len(job.block_ids))
-            self._stats.add("load_bytes", run.nbytes)
+        elif run.copy is not None:
+            self._stats.add("load_blocks", run.copy.num_blocks)
+            self._stats.add("load_bytes", run.copy.nbytes)
             self._stats.add("load_seconds", time.perf_counter() - run.started)
 
     def take_finished_loads(self) -> set[str]:
         """Request ids whose load finished (or failed) since the last call."""
+        self._start_loads()
         still = []
         for run in self._loads:
-            if run.copy is None:
-                self._end_load(run, ok=True)
-                continue
-            if not run.copy.done():
-                still.append(run)
-                continue
             try:
-                run.copy.wait()
+                if run.copy is not None and not run.copy.done():
+                    still.append(run)
+                    continue
+                if run.copy is not None:
+                    run.copy.wait()
                 ok = True
             except Exception:  # noqa: BLE001
                 log.exception("FlexKV load job %d (request %s) failed", run.job.job_id, run.job.req_id)
@@ -193,50 +360,40 @@ class FlexKVWorker:
         errors, self._errors = self._errors, set()
         return errors
 
-    # ---- stores ------------------------------------------------------------------------------------
-
-    def run_stores(self, meta: FlexKVConnectorMetadata) -> None:
-        if not meta.stores:
-            return
-        copier = self._ensure_copier(meta.pool)
-        started = time.perf_counter()
-        running = []
-        for job in meta.stores:
-            try:
-                running.append((job, copier.to_pool(job.block_ids, job.slots)))
-            except Exception:  # noqa: BLE001 - a failed store is rolled back by the scheduler
-                log.exception("FlexKV store job %d (request %s) could not start", job.job_id, job.req_id)
-                self._meta.failed[job.job_id] = self._meta.failed.get(job.job_id, 0) + 1
-        blocks = 0
-        for job, copy in running:
-            try:
-                copy.wait()  # the engine may reuse these blocks as soon as this step's output is seen
-                self._meta.done[job.job_id] = self._meta.done.get(job.job_id, 0) + 1
-                blocks += len(job.block_ids)
-            except Exception:  # noqa: BLE001
-                log.exception("FlexKV store job %d (request %s) failed", job.job_id, job.req_id)
-                self._meta.failed[job.job_id] = self._meta.failed.get(job.job_id, 0) + 1
-        if blocks:
-            self._stats.add("store_blocks", blocks)
-            self._stats.add("store_bytes", blocks * meta.pool.layout.rank_bytes)
-            self._stats.add("store_seconds", time.perf_counter() - started)
-
     # ---- after a failure at the connector boundary (flexkv_dynamo.guard) ------------------------------
 
     def fail_loads(self, jobs: list[LoadJob]) -> None:
-        """Report each of ``jobs`` that is neither running nor reported as finished with every block a
-        load error (vLLM waits for every load job's request, and recomputes the failed blocks)."""
-        known = {run.job.job_id for run in self._loads} | self._meta.done.keys() | self._meta.failed.keys()
+        """Report each of ``jobs`` that is neither queued, running nor reported as finished with every block
+        a load error (vLLM waits for every load job's request, and recomputes the failed blocks)."""
+        known = ({run.job.job_id for run in self._loads} | {job.job_id for job in self._queued_loads}
+                 | self._meta.done.keys() | self._meta.failed.keys())
         for job in jobs:
             if job.job_id not in known:
-                self._end_load(_RunningLoad(job, None, time.perf_counter(), 0), ok=False)
+                self._end_load(_Running(job, None, time.perf_counter()), ok=False)
 
     def fail_stores(self, jobs: list[StoreJob]) -> None:
-        """Report each of ``jobs`` not reported yet as failed (the scheduler rolls them back). Called once
-        no copy of them runs: CPU copies are synchronous, and `run_stores` waits for each it starts."""
+        """Report each of ``jobs`` that was neither recorded nor reported as failed (the scheduler rolls it
+        back): `run_stores` only records jobs, so none of these has started copying."""
+        recorded = {job.job_id for job in self._deferred} | self._stores.keys()
         for job in jobs:
-            if job.job_id not in self._meta.done and job.job_id not in self._meta.failed:
-                self._meta.failed[job.job_id] = self._meta.failed.get(job.job_id, 0) + 1
+            if job.job_id not in recorded and job.job_id not in self._meta.done and job.job_id not in self._meta.failed:
+                self._report(job.job_id, ok=False)
+
+    def drain_stores(self) -> None:
+        """``handle_preemptions`` failed, so this step's fences may not have run: finish every store in
+        flight before the forward pass can overwrite its blocks, and fail those never started (they read
+        nothing; the scheduler rolls them back)."""
+        for job_id, run in list(self._stores.items()):
+            try:
+                if run.copy is not None:
+                    run.copy.wait()
+                ok = True
+            except Exception:  # noqa: BLE001 - reported failed
+                ok = False
+            self._end_store(job_id, ok)
+        for job in self._deferred:
+            self._report(job.job_id, ok=False)
+        self._deferred = []
 
     def report_failed(self, job_ids: list[int]) -> None:
         """Report load jobs this worker finished as failed after all: vLLM was told their blocks are
@@ -249,8 +406,8 @@ class FlexKVWorker:
                 self._meta.failed[job_id] = self._meta.failed.get(job_id, 0) + 1
 
     def abandon_loads(self) -> set[str]:
-        """Wait for every running load's copy, end them all as failed, and return every request id due
-        (vLLM recomputes their blocks: reported in `take_load_errors` of this step)."""
+        """Wait for every running load's copy, end them all (and the queued ones) as failed, and return every
+        request id due (vLLM recomputes their blocks: reported in `take_load_errors` of this step)."""
         for run in self._loads:
             try:
                 if run.copy is not None:
@@ -258,13 +415,16 @@ class FlexKVWorker:
             except Exception:  # noqa: BLE001 - it is reported failed either way
                 pass
             self._end_load(run, ok=False)
-        self._loads = []
+        for job in self._queued_loads:
+            self._end_load(_Running(job, None, time.perf_counter()), ok=False)
+        self._loads, self._queued_loads = [], []
         finished, self._finished = self._finished, set()
         return finished
 
     # ---- reporting -----------------------------------------------------------------------------------
 
     def take_worker_meta(self) -> FlexKVWorkerMetadata | None:
+        self._poll_stores()
         meta, self._meta = self._meta, FlexKVWorkerMetadata()
         return None if meta.is_empty() else meta
 
@@ -274,15 +434,27 @@ class FlexKVWorker:
         stats, self._stats = self._stats, FlexKVConnectorStats()
         return stats
 
+    def in_flight(self) -> dict[str, int]:
+        """Jobs this worker holds (tests: all zero once the engine is idle)."""
+        return {"deferred_stores": len(self._deferred), "stores": len(self._stores),
+                "queued_loads": len(self._queued_loads), "loads": len(self._loads)}
+
     def shutdown(self) -> None:
-        for run in self._loads:
-            if run.copy is not None:
-                try:
+        """Finish what is in flight (bounded), then unmap the pool. Stores never started are dropped: the
+        scheduler side rolls back whatever was not reported."""
+        self._closing.set()
+        for run in [*self._stores.values(), *self._loads]:
+            try:
+                if run.copy is not None and run.copy.started:  # one not started yet never touched anything
                     run.copy.wait()
-                except Exception:  # noqa: BLE001 - shutting down: nothing left to report to
-                    pass
-        self._loads = []
-        self.copier = None
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
+            except Exception:  # noqa: BLE001 - shutting down: nothing left to report to
+                pass
+        self._deferred, self._stores, self._queued_loads, self._loads = [], {}, [], []
+        if self._attach_thread is not None:
+            self._attach_thread.join(ATTACH_POLL_S + 1)
+        with self._ready:
+            copier, pool, self.copier, self.pool = self.copier, self.pool, None, None
+        if copier is not None:
+            copier.close()
+        if pool is not None:
+            pool.close()

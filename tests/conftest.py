@@ -90,6 +90,17 @@ class Engine:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
 
+    def settle(self, timeout: float = 120) -> None:
+        """Step the engine until neither requests nor connector work (stores in flight) remain. An in-process
+        engine only steps while ``generate`` waits for outputs; stores are reported in a later step."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.core.scheduler.has_requests():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"engine still busy after {timeout}s: {self.flexkv.in_flight()}")
+            self.core.step()
+
     def shutdown(self) -> None:
         if self.closed:
             return

@@ -144,6 +144,7 @@ def drain_to_vllm(engine: Engine) -> None:
 
 def assert_quiescent(engine: Engine) -> None:
     """No job, pin or slot of ours outlives the requests, and vLLM holds no request or block."""
+    engine.settle()  # stores are reported in a later step than the one that computed their blocks
     assert_connector_idle(engine.flexkv)
     sched = engine.core.scheduler
     assert not sched.requests, f"vLLM still holds requests {list(sched.requests)}"

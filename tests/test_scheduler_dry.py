@@ -246,6 +246,31 @@ def test_failed_store_jobs_are_rolled_back_and_stored_later(make_engine):
     assert_quiescent(eng)
 
 
+# ---- stores in flight and the blocks vLLM hands out again ----------------------------------------------
+
+
+def test_a_store_in_flight_is_finished_before_its_blocks_are_overwritten(make_engine):
+    """A store job is copied during the step after the one that computed its blocks. Its request may have
+    ended meanwhile and vLLM may have handed those blocks to another request, whose forward pass rewrites
+    them: the fence (``flush``) makes the worker finish the store before that forward pass, so the CPU tier
+    holds the first request's bytes and a later hit loads them (a missing fence stores the second request's
+    bytes under the first one's hashes: a wrong load)."""
+    eng = make_engine(num_gpu_blocks=17)  # 16 usable blocks (vLLM keeps block 0 as its null block)
+    a = prompt(40, 8 * BS)
+    eng.add("a", a, 1)  # its prompt and one token: it ends in the step that computes it
+    eng.step()
+    assert not eng.scheduler.requests, "a should have finished in its first step"
+    eng.add("b", prompt(41, 15 * BS), 1)  # needs 15 blocks: most of a's freed blocks
+    eng.run()
+    again = eng.add("a2", a, 1)  # a's prompt: vLLM's own copy was overwritten, ours is loaded
+    eng.run()
+    assert eng.flexkv.cache.stats()["metrics"]["hit_blocks"]["cpu"] >= 7, eng.flexkv.cache.stats()["metrics"]
+    assert eng.wrong_loads == []
+    assert len(again.block_hashes) == 8
+    drain(eng)
+    assert_quiescent(eng)
+
+
 # ---- partial reservations leave no hole -------------------------------------------------------------------
 
 
@@ -288,6 +313,7 @@ def test_a_tier_full_of_pinned_blocks_stops_at_the_first_block_it_cannot_take(ma
     lent = cache.prepare_load(chain_a)  # pinned, as while a peer reads them: not evictable
     b = eng.add("b", prompt(21, 5 * BS), 2 * BS + 2)  # 5 blocks, 2 more while decoding; 2 free slots
     eng.step()  # b's prompt: five blocks offered, two slots
+    eng.step()  # its store job is copied during the next step (after the forward pass) and reported
     assert cache.lookup(ints(b.block_hashes)).cpu == 2  # b's first two blocks, nothing past the gap
     assert sum(1 for x in cache.index.blocks() if x.held(Tier.CPU)) == 8
     cache.finish_load(lent)  # a's blocks may go now

@@ -72,6 +72,7 @@ def _round_trip(layout: KVLayout, kind: str, rank: int, blocks: list[int], slots
     dst = Engine(layout, num_blocks, kind, fill=False)
     with _pool(layout, num_slots) as pool:
         job = BlockCopier(pool, layout, rank, src.planes, threads=threads).to_pool(blocks, slots)
+        job.wait()
         assert job.done() and job.num_blocks == len(blocks) and job.nbytes == len(blocks) * layout.rank_bytes
 
         arr = pool.array()
@@ -154,7 +155,7 @@ def test_both_ranks_share_slots_without_clobbering():
     engines = [Engine(layout, 8, "vllm", fill=True, seed=r) for r in range(2)]
     with _pool(layout, 6) as pool:
         for r in range(2):
-            BlockCopier(pool, layout, r, engines[r].planes).to_pool([1, 2, 7], [5, 0, 3])
+            BlockCopier(pool, layout, r, engines[r].planes).to_pool([1, 2, 7], [5, 0, 3]).wait()
         for r in range(2):
             back = Engine(layout, 8, "vllm", fill=False)
             BlockCopier(pool, layout, r, back.planes).from_pool([5, 0, 3], [1, 2, 7])
@@ -172,7 +173,7 @@ def test_one_block_into_several_slots_and_id_types():
     src = Engine(layout, 5, "vllm", fill=True)
     with _pool(layout, 4) as pool:
         copier = BlockCopier(pool, layout, 0, src.planes)
-        copier.to_pool(np.array([2, 2], dtype=np.int32), torch.tensor([3, 0]))
+        copier.to_pool(np.array([2, 2], dtype=np.int32), torch.tensor([3, 0])).wait()
         assert _rank_part(pool, layout, 3, 0) == _rank_part(pool, layout, 0, 0) == src.block_bytes(2)
         job = copier.to_pool([], [])
         assert job.done() and job.num_blocks == 0

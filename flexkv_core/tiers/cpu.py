@@ -18,6 +18,13 @@ mapped with ``mmap``:
   (vLLM kills its engine core at once on shutdown, whose connector never closes the pool). So each owner
   starts a small *reaper* process in a session of its own, which waits for the owner's lock and removes
   the region when it gets it (`_REAPER`): memory comes back however the owner ended.
+
+On a CUDA machine each worker page-locks the region (`CpuPool.start_pinning`) so that copies to and from
+the GPU are DMA. Pinning touches and locks every page, seconds for a large pool, so it runs on a thread of
+its own, ``PIN_CHUNK_BYTES`` of whole slots at a time from slot 0 up; `CpuPool.pinned_bytes` says how far
+it got, and the cache hands out low slots first, so the first requests rarely wait for it. Every worker
+pins the whole region: a slot holds every rank's part side by side (one O_DIRECT transfer, one checksum,
+one remote read per slot), so no rank owns a range of its own.
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ import re
 import secrets
 import subprocess
 import sys
+import threading
+import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -48,6 +57,9 @@ log = logging.getLogger(__name__)
 
 #: Where the regions live. POSIX shared memory on Linux is exactly a tmpfs mounted here.
 SHM_DIR = "/dev/shm"
+
+#: How much of the region one CUDA registration covers (rounded down to whole slots, at least one).
+PIN_CHUNK_BYTES = 256 << 20
 
 #: Linux >= 5.14: populate the page tables of a shared mapping for writing, without changing a byte.
 _MADV_POPULATE_WRITE = 23
@@ -137,6 +149,20 @@ def _remove_if_stale(path: str) -> bool:
 
 
 @dataclass
+class _Pinning:
+    """CUDA registrations of one mapping, made by a background thread (`CpuPool.start_pinning`)."""
+
+    chunks: list[tuple[int, int]] = field(default_factory=list)  # (address, bytes) registered, in order
+    pinned_bytes: int = 0  # leading bytes of the region registered so far
+    done: bool = False  # the thread ended (all pinned, stopped, or failed)
+    error: BaseException | None = None
+    seconds: float = 0.0  # time the registrations took
+    thread: threading.Thread | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+
+@dataclass
 class _Mapping:
     """What must be released when a pool goes away (held by the finalizer, not by the pool)."""
 
@@ -144,17 +170,63 @@ class _Mapping:
     lock_fd: int | None  # the owner's locked descriptor; None for attachers
     path: str | None  # set for the owner, which unlinks the name
     pid: int  # the process that made the mapping: a forked child must not unlink its parent's region
-    pinned_ptr: int | None = None
+    pinning: _Pinning = field(default_factory=_Pinning)
+
+
+def _pin_chunks(pin: _Pinning, base: int, nbytes: int, chunk: int, device: int | None) -> None:
+    """The pinning thread: register [base, base + nbytes) with CUDA chunk by chunk, lowest first."""
+    import torch
+
+    started = time.perf_counter()
+    try:
+        if device is not None:
+            # A new thread's current device is 0: without this, rank 3's process would create a context on
+            # GPU 0 just to register host memory.
+            torch.cuda.set_device(device)
+        cudart = torch.cuda.cudart()
+        for offset in range(0, nbytes, chunk):
+            if pin.stop.is_set():
+                break
+            size = min(chunk, nbytes - offset)
+            # Portable (1): pinned for every CUDA context of this process, not only the current one.
+            err = int(cudart.cudaHostRegister(base + offset, size, 1))
+            if err:
+                raise RuntimeError(f"cudaHostRegister of {size} B at offset {offset} failed with cudaError {err} "
+                                   "(is the memlock limit too low?)")
+            with pin.cond:
+                pin.chunks.append((base + offset, size))
+                pin.pinned_bytes = offset + size
+                pin.cond.notify_all()
+    except BaseException as exc:  # noqa: BLE001 - reported to whoever waits for the pinning
+        pin.error = exc
+        log.error("pinning the CPU pool for CUDA failed: %s", exc)
+    finally:
+        with pin.cond:
+            pin.seconds = time.perf_counter() - started
+            pin.done = True
+            pin.cond.notify_all()
+
+
+def _unpin(pin: _Pinning) -> None:
+    pin.stop.set()
+    thread = pin.thread
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()
+    if not pin.chunks:
+        return
+    import torch
+
+    cudart = torch.cuda.cudart()
+    for ptr, _size in pin.chunks:
+        err = int(cudart.cudaHostUnregister(ptr))
+        if err:
+            log.warning("cudaHostUnregister of CPU pool failed with cudaError %d", err)
+    pin.chunks.clear()
+    pin.pinned_bytes = 0
 
 
 def _release(m: _Mapping) -> None:
-    if m.pinned_ptr is not None:
-        import torch
-
-        err = int(torch.cuda.cudart().cudaHostUnregister(m.pinned_ptr))
-        if err:
-            log.warning("cudaHostUnregister of CPU pool failed with cudaError %d", err)
-        m.pinned_ptr = None
+    _unpin(m.pinning)
     if m.path is not None and m.lock_fd is not None and m.pid == os.getpid():
         try:
             if os.stat(m.path).st_ino == os.fstat(m.lock_fd).st_ino:  # still our file under that name
@@ -325,29 +397,58 @@ class CpuPool:
             flat = self._array.reshape(-1)[::mmap.PAGESIZE]
             flat[:] = flat
 
-    def pin(self) -> bool:
-        """Register the region with CUDA (page-locked, DMA-able). False, doing nothing, without CUDA.
-
-        Pinning faults in and locks every page of the pool. Unregistered by `close`.
-        """
+    def start_pinning(self, device: int | None = None, chunk_bytes: int = PIN_CHUNK_BYTES) -> bool:
+        """Start registering the region with CUDA (page-locked, DMA-able) on a background thread, whole
+        slots at a time from slot 0 up; `pinned_bytes` grows as it goes. ``device``: the CUDA device the
+        caller works on. False, doing nothing, without CUDA. Unregistered by `close`."""
         self._check_open()
         import torch
 
         if not torch.cuda.is_available():
             return False
-        if self._mapping.pinned_ptr is None:
-            ptr = self.data_ptr()
-            # Portable (1): pinned for every CUDA context of this process, not only the current one.
-            err = int(torch.cuda.cudart().cudaHostRegister(ptr, self.nbytes, 1))
-            if err:
-                raise RuntimeError(f"cudaHostRegister of CPU pool {self.name!r} ({self.nbytes} B) failed "
-                                   f"with cudaError {err} (is the memlock limit too low?)")
-            self._mapping.pinned_ptr = ptr
+        pin = self._mapping.pinning
+        with pin.cond:
+            if pin.thread is None:
+                chunk = max(1, chunk_bytes // self.slot_bytes) * self.slot_bytes
+                pin.thread = threading.Thread(target=_pin_chunks, name=f"flexkv-pin-{self.name}", daemon=True,
+                                              args=(pin, self.data_ptr(), self.nbytes, chunk, device))
+                pin.thread.start()
+        return True
+
+    @property
+    def pinned_bytes(self) -> int:
+        """How many leading bytes of the region are registered with CUDA (slots below ``pinned_bytes //
+        slot_bytes`` are DMA-able)."""
+        return self._mapping.pinning.pinned_bytes
+
+    def wait_pinned(self, nbytes: int | None = None, timeout: float | None = None) -> bool:
+        """Wait until the first ``nbytes`` (default: all) are pinned. False on timeout, or if pinning stopped
+        short of them; raises what made pinning fail."""
+        pin = self._mapping.pinning
+        want = self.nbytes if nbytes is None else nbytes
+        with pin.cond:
+            pin.cond.wait_for(lambda: pin.pinned_bytes >= want or pin.done, timeout)
+            if pin.error is not None:
+                raise RuntimeError(f"pinning CPU pool {self.name!r} failed: {pin.error}") from pin.error
+            return pin.pinned_bytes >= want
+
+    @property
+    def pin_seconds(self) -> float:
+        """How long pinning took (so far, or in all once it is done)."""
+        return self._mapping.pinning.seconds
+
+    def pin(self, device: int | None = None) -> bool:
+        """Pin the whole region now (`start_pinning`, then wait). False, doing nothing, without CUDA."""
+        if not self.start_pinning(device):
+            return False
+        if not self.wait_pinned():
+            raise RuntimeError(f"pinning CPU pool {self.name!r} stopped before the end")
         return True
 
     @property
     def pinned(self) -> bool:
-        return self._mapping.pinned_ptr is not None
+        """Whether the whole region is pinned."""
+        return self._mapping.pinning.pinned_bytes >= self.nbytes
 
     # -- lifetime -----------------------------------------------------------------------------------------
 
