@@ -48,7 +48,7 @@ from flexkv_core.layout import CacheIdentity, KVLayout
 
 from .kv_events import check_int_block_hashes, engine_hash_to_int, tier_events_enabled, to_vllm_events
 from .metadata import FlexKVConnectorMetadata, FlexKVWorkerMetadata, LoadJob, PoolInfo, StoreJob
-from .stats import FlexKVConnectorStats
+from .stats import HIT_TIERS, FlexKVConnectorStats
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -300,7 +300,7 @@ class FlexKVScheduler:
         hits_before = self.cache.metrics.snapshot()["hit_blocks"]
         plan = self.cache.prepare_load(st.hashes_upto(start + n)[start:])
         hits_after = self.cache.metrics.snapshot()["hit_blocks"]
-        for tier in ("cpu", "ssd"):
+        for tier in HIT_TIERS:  # remote: blocks another node serves, fetched into our CPU tier first
             self._stats.add(f"hit_tokens_{tier}", (hits_after[tier] - hits_before[tier]) * self.block_size)
         k = len(plan.block_hashes)
         if k < n:

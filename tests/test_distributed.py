@@ -235,6 +235,79 @@ def test_a_prefix_stored_on_one_node_loads_byte_identical_on_another_and_dies_wi
     assert b.call("load", hashes=hashes)["digests"] == stored["digests"]
 
 
+def flexkv_status(node: Node) -> tuple[str, dict]:
+    """``flexkv status`` against the node's cache endpoint, as an operator types it: (text, --json)."""
+    endpoint = f"ipc://{node.dir}/svc.sock"
+    runs = [subprocess.run([sys.executable, "-m", "flexkv_core.cli", "status", "--endpoint", endpoint, *extra],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT) for extra in ([], ["--json"])]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    return runs[0].stdout, json.loads(runs[1].stdout)
+
+
+@pytest.mark.slow
+def test_flexkv_status_shows_peers_and_the_blocks_fetched_and_lent(cluster):
+    redis_server = cluster.redis().start()
+    a, b = cluster.nodes("a b", redis_server.port)
+    stored = a.call("store", prompt=7, n_blocks=5)
+    wait_for(lambda: b.call("lookup", hashes=stored["hashes"])["remote"] == 5, 2 + SNAPSHOT_S, "B to see A's")
+    assert b.call("load", hashes=stored["hashes"])["n"] == 5
+    a_id, b_id = a.call("describe")["node_id"], b.call("describe")["node_id"]
+
+    text, answer = flexkv_status(b)
+    view = answer["distributed"]
+    assert view["peers"] == [a_id] and view["stats"]["fetched_blocks"] == 5 and view["stats"]["lent_blocks"] == 0
+    assert f"peers: 1 ({a_id})" in text and "fetched: 5 blocks" in text and "lent: 0 blocks" in text
+    # A lent them (B keeps its copies: A's own view of B follows B's publishing).
+    wait_for(lambda: flexkv_status(a)[1]["distributed"]["peers"] == [b_id], 2 + SNAPSHOT_S, "A to see B")
+    text, answer = flexkv_status(a)
+    assert answer["distributed"]["stats"]["lent_blocks"] == 5 and answer["distributed"]["stats"]["exports"] >= 1
+    assert "lent: 5 blocks" in text and "fetched: 0 blocks" in text
+
+
+@pytest.mark.slow
+def test_a_peer_that_dies_freezes_or_stops_costs_a_request_no_multi_second_stall(cluster, capsys):
+    """A request needing blocks only a gone peer holds recomputes at once: a closed port refuses the export
+    call, a frozen node stops answering heartbeats (`PEER_LIVENESS_S`), a stopped node says goodbye (and
+    one that is killed has its goodbye process say it). The lease (30 s) and the call timeout (10 s) are
+    long here, so neither can explain a short stall; before this, each case cost the whole timeout."""
+    from flexkv_core.distributed.node import PEER_LIVENESS_S
+
+    timeout_s, lease_s = 10.0, 30.0
+    redis_server = cluster.redis().start()
+    r = redis_server.client()
+    prefix = f"flexkv:{fingerprint()}"
+    (b,) = cluster.nodes("b", redis_server.port, dist_timeout_s=timeout_s, dist_lease_s=lease_s)
+    stalls = {}
+    for k, how in enumerate(("SIGKILL", "SIGSTOP", "SIGTERM")):
+        (a,) = cluster.nodes(f"a{k}", redis_server.port, dist_timeout_s=timeout_s, dist_lease_s=lease_s)
+        a_id = a.call("describe")["node_id"]
+        hashes = a.call("store", prompt=20 + k, n_blocks=4)["hashes"]
+        wait_for(lambda h=hashes: b.call("lookup", hashes=h)["remote"] == 4, 5, f"B to see a{k}'s blocks")
+        if how == "SIGTERM":
+            a.signal(signal.SIGTERM)
+            a.proc.wait(timeout=30)
+        else:
+            a.signal(getattr(signal, how))
+        t0 = time.monotonic()
+        assert b.call("load", hashes=hashes)["n"] == 0  # recomputed
+        stalls[how] = time.monotonic() - t0
+        assert stalls[how] < timeout_s / 4, (how, stalls[how])
+        assert b.call("lookup", hashes=hashes)["remote"] == 0  # and no further request tries it
+        if how == "SIGSTOP":
+            a.signal(signal.SIGCONT)
+            a.kill()
+        # Gone from Redis long before its lease: its goodbye (killed) or its own close (SIGTERM) said so.
+        keys = [f"{prefix}:node:{a_id}", f"{prefix}:blocks:{a_id}", f"{prefix}:log:{a_id}"]
+        t0 = time.monotonic()
+        wait_for(lambda keys=keys: r.exists(*keys) == 0, lease_s / 3, f"a{k}'s keys to leave Redis")
+        left = time.monotonic() - t0
+        wait_for(lambda a_id=a_id: a_id not in b.call("describe")["peers"], 2 + SNAPSHOT_S, f"B to drop a{k}")
+        with capsys.disabled():
+            print(f"\n{how}: request stall {stalls[how] * 1000:.0f} ms (call timeout {timeout_s:g} s, peer "
+                  f"liveness {PEER_LIVENESS_S:g} s); keys left Redis {left * 1000:.0f} ms after the load")
+
+
 @pytest.mark.slow
 def test_a_node_that_does_not_verify_checksums_still_gets_and_lends_the_exact_bytes(cluster):
     redis_server = cluster.redis().start()
@@ -593,8 +666,15 @@ def _node_main(spec: dict) -> None:
     }
     control = CacheService(spec["control"], handlers, name=f"dist-test-{spec['name']}")
     control.start()
-    done.wait()
+    # What an operator's `flexkv status --endpoint FLEXKV_SERVER_RECV_PORT` talks to, as in a worker.
+    status = CacheService(cfg.server_recv_port, {**cache.service_handlers(), "distributed": node.describe},
+                          name=f"dist-test-cache-{spec['name']}")
+    status.start()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())  # a clean stop, as the standalone node does it
+    while not done.wait(0.1):  # short waits: the SIGTERM handler runs between them
+        pass
     time.sleep(0.1)  # let the reply to "exit" leave
+    status.stop()
     control.stop()
     node.close()
     cache.close()
