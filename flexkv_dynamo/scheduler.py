@@ -17,7 +17,9 @@ It runs inside vLLM's scheduler (the EngineCore process) and answers vLLM's sche
   (and queues their SSD write-back), ``finish_load`` unpins.
 * ``request_finished``: nothing to keep alive; a load still waiting for its SSD staging is cancelled
   and its (empty) job still goes out, because vLLM waits for the worker to report that request.
-* ``take_events``: the cache's tier events as vLLM ``BlockStored`` / ``BlockRemoved`` (`kv_events`).
+* ``take_events``: the cache's tier events as vLLM ``BlockStored`` / ``BlockRemoved`` (`kv_events`);
+  before the first request, once a subscriber listens, the announcement of everything our tiers hold
+  (`announce`: the engine keeps stepping for it through ``has_pending_push_work``).
 
 Load failures (an SSD read or checksum that fails, a block evicted between lookup and load) become
 ``failed_block_ids`` of the load job, which the worker reports to vLLM as load errors. vLLM then
@@ -46,6 +48,7 @@ from flexkv_core.cache import LoadPlan, StorePlan, TieredCache
 from flexkv_core.config import FlexKVConfig, configure_logging
 from flexkv_core.layout import CacheIdentity, KVLayout
 
+from .announce import Announcer
 from .kv_events import check_int_block_hashes, engine_hash_to_int, tier_events_enabled, to_vllm_events
 from .metadata import FlexKVConnectorMetadata, FlexKVWorkerMetadata, LoadJob, PoolInfo, StoreJob
 from .stats import HIT_TIERS, FlexKVConnectorStats
@@ -189,6 +192,7 @@ class FlexKVScheduler:
         events_config = getattr(vllm_config, "kv_events_config", None)
         if self._events_enabled and events_config is not None and events_config.enable_kv_cache_events:
             check_int_block_hashes()  # bytes hashes: neither vLLM's nor our events would reach the router
+        self._announcer = Announcer.for_engine(vllm_config, self._events_enabled)  # tiers known before requests
         self.cache = TieredCache(config, self.identity)
         self.pool_info = PoolInfo(self.cache.pool_name, self.cache.pool.num_slots, layout.slot_bytes, layout)
         self._requests: dict[str, _Request] = {}
@@ -251,6 +255,7 @@ class FlexKVScheduler:
         """Tokens past ``num_computed_tokens`` (block-aligned) that our tiers can load, or None to be asked
         again next step. No side effects on the cache (vLLM may ask again when it cannot schedule the
         request yet)."""
+        self._announcer.request_seen()
         st = self._track(request)
         start = num_computed_tokens // self.block_size
         st.lookup_start, st.lookup_blocks, st.looked_up = start, 0, True
@@ -379,6 +384,7 @@ class FlexKVScheduler:
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> FlexKVConnectorMetadata:
         if not scheduler_output.total_num_scheduled_tokens:
             self._idle_wait_for_staging()
+            self._announcer.idle_tick()
         meta = FlexKVConnectorMetadata(pool=self.pool_info, loads=self._ready_loads(),
                                        stores=self._store_jobs(scheduler_output))
         for req_id in scheduler_output.finished_req_ids or ():
@@ -435,6 +441,12 @@ class FlexKVScheduler:
         if self._gpu_cache_was_reset():
             events = self.cache.reannounce()
             log.info("vLLM's prefix cache was reset: re-announcing %d tier events to the router", len(events))
+        elif self._announcer.due():  # before any request, once a subscriber listens (see announce)
+            events = self.cache.reannounce()
+            log.info("announcing what our tiers hold to the KV-event subscribers: %d blocks", len(events))
+            return Announcer.announcement(to_vllm_events(events, block_size=self.block_size))
+        elif self._announcer.holding:
+            return ()
         else:
             events = self.cache.take_events()
         if not self._events_enabled or not events:
@@ -456,8 +468,9 @@ class FlexKVScheduler:
         return stats
 
     def has_pending_work(self) -> bool:
-        """Loads waiting for SSD staging need steps to go out even when nothing else runs."""
-        return bool(self._waiting_loads)
+        """Loads waiting for SSD staging need steps to go out even when nothing else runs; so does the
+        announcement of our tiers before the first request."""
+        return bool(self._waiting_loads) or self._announcer.waiting
 
     def reset_cache(self) -> bool:
         self.cache.reset()

@@ -397,6 +397,51 @@ def test_nodes_work_without_redis_and_resynchronise_when_it_returns(cluster):
     assert a.call("describe")["stats"]["resyncs"] >= 2
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started (and theirs), from /proc."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            continue
+        for child in children:
+            out += [child, *descendants(child)]
+    return out
+
+
+@pytest.mark.slow
+def test_every_port_a_node_opens_takes_connections_at_the_node_address_only(cluster):
+    """FLEXKV_NODE_ADDR=127.0.0.1: nothing of a node answers at another address of this machine (127.0.0.2
+    reaches the same loopback interface), although Mooncake's transfer engine listens on every interface;
+    FLEXKV_DIST_BIND_ADDR=* is the operator's way to ask for every interface."""
+    from flexkv_core.distributed.listen import connectable, listening_sockets
+
+    redis_server = cluster.redis().start()
+    (a,) = cluster.nodes("a", redis_server.port)
+    (b,) = cluster.nodes("b", redis_server.port, dist_bind_addr="*")
+
+    def listeners(node: Node) -> list:
+        return [x for pid in (node.proc.pid, *descendants(node.proc.pid)) for x in listening_sockets(pid)]
+
+    mine = listeners(a)
+    service_port = int(a.call("describe")["node_id"].rpartition(":")[2])
+    assert len(mine) == 3 and service_port in {x.port for x in mine}  # export service, TE handshake and data
+    for x in mine:
+        assert connectable("127.0.0.1", x.port, 5), x
+        assert not connectable("127.0.0.2", x.port, 0.5), x
+        if x.port == service_port:
+            assert x.address == "127.0.0.1"  # ours binds the address itself
+    assert all(connectable("127.0.0.2", x.port, 5) for x in listeners(b))  # every interface, as asked
+    # Both still lend and fetch through the filtered ports.
+    from_a, from_b = a.call("store", prompt=30, n_blocks=3), b.call("store", prompt=31, n_blocks=3)
+    wait_for(lambda: b.call("lookup", hashes=from_a["hashes"])["remote"] == 3, 5, "B to see A's blocks")
+    wait_for(lambda: a.call("lookup", hashes=from_b["hashes"])["remote"] == 3, 5, "A to see B's blocks")
+    assert b.call("load", hashes=from_a["hashes"])["digests"] == from_a["digests"]
+    assert a.call("load", hashes=from_b["hashes"])["digests"] == from_b["digests"]
+
+
 def test_a_read_from_a_peer_that_is_gone_fails_at_once(tmp_path):
     """The transfer engine's own wait never sleeps; ours polls, and must still report a refused peer fast
     (its failed submission falls back to the engine's sync call, which fails at once too)."""

@@ -53,6 +53,7 @@ from ..layout import Tier
 from ..remote import RemoteBlock
 from ..service import CacheService
 from .goodbye import Goodbye, GoodbyeSpec
+from .listen import listen_address
 from .registry import NodeInfo, Registry
 from .snapshot import GlobalSnapshot
 from .transfer import EngineProcess, EngineSettings, check_metadata
@@ -198,12 +199,15 @@ class DistributedNode:
             log.warning("Redis at %s unreachable (%s): serving local blocks only; retrying in the background",
                         self.registry.where, exc)
         pool = self.cache.pool
+        listen = listen_address(cfg.dist_bind_addr, cfg.node_addr)  # None: every interface, as asked
         settings = EngineSettings(host=cfg.node_addr, protocol=cfg.te_protocol, device=cfg.te_device,
-                                  metadata=cfg.te_metadata, port=cfg.te_port, timeout_s=self.timeout_s)
+                                  metadata=cfg.te_metadata, port=cfg.te_port, timeout_s=self.timeout_s,
+                                  listen=listen)
         self.transport = EngineProcess(settings, pool.name, pool.num_slots, self.slot_bytes)
         self._generation = self.transport.generation
         port = cfg.dist_service_port or "*"
-        self.service = CacheService(f"tcp://{cfg.node_addr}:{port}",
+        host = "*" if listen is None else f"[{listen}]" if ":" in listen else listen
+        self.service = CacheService(f"tcp://{host}:{port}",
                                     {"export": self._lend, "release_export": self.cache.release_export},
                                     name="flexkv-distributed")
         self.service.start()
