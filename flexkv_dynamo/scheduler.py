@@ -226,7 +226,7 @@ class FlexKVScheduler:
     def _start_service(self):
         from flexkv_core.service import CacheService
 
-        handlers = self.cache.service_handlers()
+        handlers = {**self.cache.service_handlers(), "in_flight": self.in_flight}
         if self.node is not None:
             handlers["distributed"] = self.node.describe
         service = CacheService(self.config.server_recv_port, handlers, share=self.config.share_server,

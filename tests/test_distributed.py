@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import pytest
-from support import free_port, wait_for
+from support import RedisServer, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
-PASSWORD = "s3cret-test-pw"
+PASSWORD = RedisServer.PASSWORD
 SMALL = {"num_layers": 2, "block_size": 16, "num_kv_heads": 2, "head_dim": 64, "dtype": "float16"}  # 16 KiB
 BIG = {"num_layers": 8, "block_size": 64, "num_kv_heads": 8, "head_dim": 128, "dtype": "float16"}  # 2 MiB
 LEASE_S = 3.0
@@ -36,45 +36,6 @@ pytestmark = [pytest.mark.servers]
 
 # ------------------------------------------------------------------------------------------------------
 # servers and node processes
-
-
-class RedisServer:
-    """A throw-away redis-server on 127.0.0.1 with a password, no persistence."""
-
-    def __init__(self, port: int | None = None, password: str = PASSWORD) -> None:
-        if shutil.which("redis-server") is None:
-            pytest.skip("redis-server is not installed")
-        self.port = port or free_port()
-        self.password = password
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> RedisServer:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--requirepass", self.password],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.client().ping()  # waits: the client retries while the server comes up (below)
-        return self
-
-    def client(self):
-        import redis
-
-        r = redis.Redis(port=self.port, password=self.password, socket_timeout=2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                r.ping()
-                return r
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            self.proc = None
 
 
 class Node:
