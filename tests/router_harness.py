@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from support import free_port, wait_for
+from support import free_port, patched_environ, wait_for
 
 from flexkv_dynamo.publisher import KvEventPublisher
 
@@ -252,12 +252,17 @@ class RouterHarness(_DynamoLoop):
             self._stop_loop()
 
 
-def vllm_block_hashes(token_ids: Sequence[int], block_size: int) -> list[bytes]:
-    """The chained block hashes vLLM gives a plain-text request (``request.block_hashes``, sha256)."""
+def vllm_block_hashes(token_ids: Sequence[int], block_size: int, *, seed: str | None = None) -> list[bytes]:
+    """The chained block hashes vLLM gives a plain-text request (``request.block_hashes``, sha256).
+
+    ``seed`` is the engine's PYTHONHASHSEED, from which vLLM derives the first block's parent
+    (``python -m dynamo.vllm`` sets it to "0" when it is unset); None: this process's own.
+    """
     from vllm.utils.hashing import sha256
     from vllm.v1.core import kv_cache_utils
 
-    kv_cache_utils.init_none_hash(sha256)
+    with patched_environ({} if seed is None else {"PYTHONHASHSEED": seed}):
+        kv_cache_utils.init_none_hash(sha256)
     hashes: list[bytes] = []
     parent = None
     for start in range(0, len(token_ids) - block_size + 1, block_size):

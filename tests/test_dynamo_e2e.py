@@ -79,7 +79,8 @@ def cluster(tiny_model_dir):
     procs: list[Proc] = []
     try:
         frontend = Proc.start("frontend", [sys.executable, "-m", "dynamo.frontend", "--router-mode", "kv",
-                                           "--http-host", "127.0.0.1", "--http-port", str(http_port)],
+                                           "--http-host", "127.0.0.1", "--http-port", str(http_port),
+                                           "--migration-limit", "3"],  # as the launchers run it
                               env, workdir / "frontend.log")
         procs.append(frontend)
         workers, endpoints, system_ports = [], [], []
