@@ -1,6 +1,7 @@
 """The ``flexkv`` command: look at a running cache and at the configuration.
 
-    flexkv status [--endpoint E] [--json] [--timeout S]   usage per tier, hits, bytes moved
+    flexkv status [--endpoint E] [--json] [--timeout S]   usage per tier, hits, bytes moved, and with
+                                                          distributed reuse on: peers, blocks fetched and lent
     flexkv config [...]                                   the effective configuration (flexkv_core.config)
 
 Each subcommand is a `Command` in `COMMANDS`: a name, a help line, a function adding its arguments and
@@ -70,20 +71,35 @@ def _run_status(args: argparse.Namespace, _rest: list[str]) -> int:
     try:
         who = client.call("whoami")
         status = client.call("status")
-    except ServiceUnavailable as e:
-        _err(str(e))
-        return 1
-    except ServiceError as e:
+        distributed = _distributed_view(client)
+    except (ServiceUnavailable, ServiceError) as e:
         _err(str(e))
         return 1
     finally:
         client.close()
     if args.json:
-        _out(json.dumps({"endpoint": endpoint, "service": who, "status": status}, indent=2, sort_keys=True,
-                        default=str))
+        answer = {"endpoint": endpoint, "service": who, "status": status}
+        if distributed is not None:
+            answer["distributed"] = distributed
+        _out(json.dumps(answer, indent=2, sort_keys=True, default=str))
     else:
         _out(format_status(endpoint, who, status))
+        if distributed is not None:
+            _out(format_distributed(distributed))
     return 0
+
+
+def _distributed_view(client: Any) -> Any:
+    """The node's ``distributed`` answer, or None when the cache takes no part in distributed reuse (its
+    service has no such method)."""
+    from .client import ServiceError
+
+    try:
+        return client.call("distributed")
+    except ServiceError as e:
+        if "unknown method" in e.error:
+            return None
+        raise
 
 
 # --- rendering a status answer --------------------------------------------------------------------
@@ -196,6 +212,22 @@ def format_status(endpoint: str, who: Mapping[str, Any], status: Any) -> str:
         else:
             value = _value(key, value)
         lines.append(f"{key}: {value}")
+    return "\n".join(lines)
+
+
+def format_distributed(view: Mapping[str, Any]) -> str:
+    """The distributed-reuse part of ``flexkv status``: this node, its peers, what it fetched and lent."""
+    stats = view.get("stats") or {}
+    peers = list(view.get("peers") or [])
+    redis = "connected" if view.get("connected") else "OFFLINE (serving local blocks only)"
+    lines = [f"distributed: node {view.get('node_id')}, Redis {view.get('redis')} {redis}, "
+             f"{view.get('held_blocks', 0)} blocks published",
+             f"  peers: {len(peers)}" + (f" ({', '.join(peers)}), {view.get('peer_blocks', 0)} blocks between them"
+                                         if peers else ""),
+             f"  fetched: {stats.get('fetched_blocks', 0)} blocks ({human_bytes(stats.get('fetched_bytes', 0))}) "
+             f"in {stats.get('grants', 0)} grants; failed {stats.get('failed_blocks', 0)}, checksum mismatches "
+             f"{stats.get('checksum_mismatches', 0)}, lease aborts {stats.get('lease_aborts', 0)}",
+             f"  lent: {stats.get('lent_blocks', 0)} blocks in {stats.get('exports', 0)} exports"]
     return "\n".join(lines)
 
 

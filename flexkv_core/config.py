@@ -333,6 +333,9 @@ class FlexKVConfig:
                                                   lambda v: None if v is None else str(v)), secret=True)
     redis_db: int = _key(0, _number(int, 0))
     node_addr: str = _key("127.0.0.1", _Rule("this node's host name or IP address as peers reach it", str.strip, str))
+    dist_bind_addr: str | None = _key(None, _Rule("the address this node's ports accept connections on (unset: "
+                                                  "node_addr; * for every interface)", str.strip,
+                                                  lambda v: None if v is None else str(v)))
     te_protocol: str = _key("tcp", _choice(("tcp", "rdma")))
     te_device: str | None = _key(None, _Rule("transfer-engine device names, e.g. mlx5_0 (unset for tcp)", str.strip,
                                                 lambda v: None if v is None else str(v)))

@@ -24,7 +24,9 @@ It runs inside vLLM's scheduler (the EngineCore process) and answers vLLM's sche
 * ``has_pending_work`` keeps the engine stepping while loads stage or stores are in flight; a reset of our
   tiers (``reset_cache``) rolls back the stores in flight when they end instead of publishing them.
 * ``take_events``: the cache's tier events as vLLM ``BlockStored`` / ``BlockRemoved`` (`kv_events`),
-  or, after vLLM reset its prefix cache, everything our tiers hold (`note_gpu_resets`).
+  or, after vLLM reset its prefix cache, everything our tiers hold (`note_gpu_resets`); before the first
+  request, once a subscriber listens, the announcement of everything our tiers hold (`announce`: the
+  engine keeps stepping for it through ``has_pending_push_work``).
 
 No holes: a request's blocks ``[0, stored_upto)`` are always a chain the CPU tier holds or has reserved.
 ``reserve_store`` may take fewer blocks than offered (no room): ``stored_upto`` then stops at the first
@@ -71,6 +73,7 @@ from flexkv_core.config import FlexKVConfig, configure_logging
 from flexkv_core.layout import CacheIdentity, KVLayout, Tier
 from flexkv_core.metrics import start_metrics_server
 
+from .announce import Announcer
 from .guard import CallbackFailures, FaultInjector
 from .kv_events import (
     check_int_block_hashes,
@@ -80,7 +83,7 @@ from .kv_events import (
     to_vllm_events,
 )
 from .metadata import FlexKVConnectorMetadata, FlexKVWorkerMetadata, LoadJob, PoolInfo, StoreJob
-from .stats import FlexKVConnectorStats
+from .stats import HIT_TIERS, FlexKVConnectorStats
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -240,6 +243,7 @@ class FlexKVScheduler:
         self._metrics_server = None
         self.failures = failures or CallbackFailures("scheduler")
         self._faults = faults
+        self._announcer = Announcer.for_engine(vllm_config, self._events_enabled)  # tiers known before requests
         try:
             if config.enable_metrics and config.metrics_port:  # flexkv_* live in this process only: serve them
                 self._metrics_server = start_metrics_server(config.metrics_port, addr=config.node_addr)
@@ -305,7 +309,7 @@ class FlexKVScheduler:
         return service
 
     def _service_handlers(self) -> dict:
-        handlers = self.cache.service_handlers()
+        handlers = {**self.cache.service_handlers(), "in_flight": self.in_flight}
         if self.node is not None:
             handlers["distributed"] = self.node.describe
         return handlers
@@ -325,6 +329,7 @@ class FlexKVScheduler:
         """Tokens past ``num_computed_tokens`` (block-aligned) that our tiers can load, or None to be asked
         again next step. No side effects on the cache (vLLM may ask again when it cannot schedule the
         request yet)."""
+        self._announcer.request_seen()
         st = self._track(request)
         start = num_computed_tokens // self.block_size
         st.lookup_start, st.lookup_blocks, st.looked_up = start, 0, True
@@ -379,8 +384,8 @@ class FlexKVScheduler:
             raise RuntimeError(f"request {request.request_id}: {n} blocks to load from block {start}, but vLLM "
                                f"allocated {len(engine_blocks)} there")
         plan = self.cache.prepare_load(st.int_hashes(start + n)[start:start + n])
-        for tier, key in ((Tier.CPU, "hit_tokens_cpu"), (Tier.SSD, "hit_tokens_ssd")):
-            self._stats.add(key, plan.tier_hits.get(tier, 0) * self.block_size)
+        for tier in HIT_TIERS:  # remote: blocks another node serves, fetched into our CPU tier first
+            self._stats.add(f"hit_tokens_{tier}", plan.tier_hits.get(Tier(tier), 0) * self.block_size)
         k = len(plan.block_hashes)
         if k < n:
             log.info("request %s: %d of %d blocks vanished between lookup and load; vLLM recomputes them",
@@ -559,6 +564,7 @@ class FlexKVScheduler:
         self.note_gpu_resets()
         if not scheduler_output.total_num_scheduled_tokens:
             self._idle_wait_for_staging()
+            self._announcer.idle_tick()
         loads = self._ready_loads()
         stores = self._store_jobs(scheduler_output)
         self._forget(scheduler_output.finished_req_ids)
@@ -695,6 +701,12 @@ class FlexKVScheduler:
             self._reannounce = False
             events = self.cache.reannounce()
             log.info("vLLM's prefix cache was reset: re-announcing %d tier events to the router", len(events))
+        elif self._announcer.due():  # before any request, once a subscriber listens (see announce)
+            events = self.cache.reannounce()
+            log.info("announcing what our tiers hold to the KV-event subscribers: %d blocks", len(events))
+            return Announcer.announcement(to_vllm_events(events, block_size=self.block_size))
+        elif self._announcer.holding:
+            return ()
         else:
             events = self.cache.take_events()
         self._fault("take_events")
@@ -728,10 +740,12 @@ class FlexKVScheduler:
         return stats
 
     def has_pending_work(self) -> bool:
-        """Loads waiting for SSD staging need steps to go out, and stores in flight steps to start and to
-        be reported, even when nothing else runs."""
+        """Loads waiting for SSD staging need steps to go out, stores in flight steps to start and to be
+        reported, and an announcement of our tiers (before the first request, or one still being sent in
+        parts) steps to reach the router, even when nothing else runs."""
         self._fault("has_pending_push_work")
-        return bool(self._waiting_loads) or bool(self._stores)
+        return (bool(self._waiting_loads) or bool(self._stores) or self._announcer.waiting
+                or self.cache.reannouncing())
 
     def reset_cache(self) -> bool:
         self._fault("reset_cache")

@@ -5,7 +5,8 @@ scheduler), sums them with ``aggregate``, ships ``to_dict()`` to the front-end p
 there with ``FlexKVConnector.build_kv_connector_stats(data)`` and hands the dict to
 `FlexKVPromMetrics.observe` (``/metrics``) and, reduced, to its periodic "KV Transfer metrics" log line.
 
-Scheduler side: tokens served per tier and tokens asked about. Worker side: bytes, seconds and blocks
+Scheduler side: tokens served per tier (``cpu``, ``ssd``, and ``remote``: fetched from another node by
+distributed reuse) and tokens asked about. Worker side: bytes, seconds and blocks
 copied per direction (``load`` = pool -> engine, ``store`` = engine -> pool). The cache's own gauges
 (usage, pins, SSD traffic) are exported by `flexkv_core.metrics` under ``flexkv_*``.
 """
@@ -28,11 +29,16 @@ COUNTERS = (
     "lookup_tokens",  # tokens asked about beyond vLLM's own prefix hit
     "hit_tokens_cpu",  # of those, tokens loaded from the CPU tier
     "hit_tokens_ssd",  # ... and from the SSD tier (staged through CPU)
+    "hit_tokens_remote",  # ... and from another node (distributed reuse: fetched into CPU, then loaded)
     "load_error_blocks",  # blocks promised to vLLM but not delivered (recomputed)
     "load_blocks", "load_bytes", "load_seconds",
     "store_blocks", "store_bytes", "store_seconds",
     "connector_errors",  # exceptions of ours caught at the connector boundary (flexkv_dynamo.guard)
 )
+
+
+#: The ``tier`` label values of ``vllm:flexkv_hit_tokens`` (one ``hit_tokens_<tier>`` counter each).
+HIT_TIERS = ("cpu", "ssd", "remote")
 
 
 @dataclass
@@ -61,7 +67,8 @@ class FlexKVConnectorStats(KVConnectorStats):
     def reduce(self) -> dict[str, int | float]:
         out: dict[str, int | float] = {key: self.data.get(key, 0) for key in COUNTERS}
         asked = out["lookup_tokens"]
-        out["hit_rate"] = round((out["hit_tokens_cpu"] + out["hit_tokens_ssd"]) / asked, 4) if asked else 0.0
+        hits = sum(out[f"hit_tokens_{tier}"] for tier in HIT_TIERS)
+        out["hit_rate"] = round(hits / asked, 4) if asked else 0.0
         for direction in ("load", "store"):
             seconds = out[f"{direction}_seconds"]
             out[f"{direction}_gib_per_s"] = round(out[f"{direction}_bytes"] / seconds / 2**30, 3) if seconds else 0.0
@@ -101,8 +108,7 @@ class FlexKVPromMetrics(KVConnectorPromMetrics):
         for engine, values in per_engine_labelvalues.items():
             self._children[engine] = {
                 "lookup_tokens": lookup.labels(*values),
-                "hit_tokens_cpu": hit.labels(*values, "cpu"),
-                "hit_tokens_ssd": hit.labels(*values, "ssd"),
+                **{f"hit_tokens_{tier}": hit.labels(*values, tier) for tier in HIT_TIERS},
                 "load_error_blocks": errors.labels(*values),
                 "load_bytes": nbytes.labels(*values, "load"),
                 "store_bytes": nbytes.labels(*values, "store"),

@@ -9,7 +9,8 @@ Our publisher plays the vLLM worker's publisher. The worker is a served endpoint
 ``register_model`` (no model files), discovery is a file store (or etcd), the event plane zmq (or NATS).
 Dynamo's runtime lives on an asyncio loop in a background thread so that tests stay synchronous.
 
-Also here: starting throwaway etcd and NATS servers on free loopback ports.
+`RouterProbe` is a KvRouter alone, on the endpoint real ``dynamo.vllm`` workers serve: what a (re)started
+frontend's router knows. Also here: starting throwaway etcd and NATS servers on free loopback ports.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from support import free_port, wait_for
+from support import free_port, patched_environ, wait_for
 
 from flexkv_dynamo.publisher import KvEventPublisher
 
@@ -65,17 +66,77 @@ class Overlap:
 NO_OVERLAP = Overlap(0, 0, 0, 0, 0)
 
 
-class RouterHarness:
+class _DynamoLoop:
+    """Dynamo's runtime lives on an asyncio loop in a background thread; tests stay synchronous."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="dynamo-loop", daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Any, timeout: float = 30.0) -> Any:
+        """Run a coroutine on the runtime's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
+async def _scores(router: Any, tokens: Sequence[int]) -> dict[str, Any]:
+    # Dynamo's awaitables bind to the loop running when they are created: create them there.
+    return await router.get_overlap_scores(list(tokens))
+
+
+class RouterProbe(_DynamoLoop):
+    """A KvRouter of our own on the endpoint real workers serve (``dynamo.vllm``: dynamo.backend.generate),
+    built as a (re)started frontend builds its router: it learns the workers' blocks from their events and,
+    for what happened before it started, from the workers' local indexers."""
+
+    def __init__(self, endpoint: str, block_size: int, *, discovery: str = "file", event_plane: str = "zmq") -> None:
+        super().__init__()
+        self.block_size = block_size
+
+        async def start() -> None:
+            from dynamo.llm import KvRouter, KvRouterConfig
+            from dynamo.runtime import DistributedRuntime
+
+            self.runtime = DistributedRuntime(asyncio.get_running_loop(), discovery, "tcp", event_plane=event_plane)
+            self.router = KvRouter(self.runtime.endpoint(endpoint), block_size, KvRouterConfig())
+
+        try:
+            self.call(start())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def overlaps(self, tokens: Sequence[int]) -> dict[int, Overlap]:
+        """Each worker's overlap for ``tokens`` (by worker id; workers the router knows no block of for them
+        show all zeros)."""
+        rows = self.call(_scores(self.router, tokens))["workers"]
+        return {row["worker_id"]: Overlap.from_row(row) for row in rows}
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self.runtime.shutdown()
+            await asyncio.sleep(0.2)
+
+        try:
+            if getattr(self, "runtime", None) is not None:
+                self.call(stop(), timeout=10)
+        finally:
+            self._stop_loop()
+
+
+class RouterHarness(_DynamoLoop):
     """Dynamo runtime + one registered worker + relay + KvRouter, and our publisher feeding the relay."""
 
     def __init__(self, *, block_size: int, discovery: str = "file", event_plane: str = "zmq", namespace: str = "flexkvtest"):
+        super().__init__()
         self.block_size = block_size
         self.discovery = discovery
         self.event_plane = event_plane
         self.namespace = namespace
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="dynamo-loop", daemon=True)
-        self._thread.start()
         self.publisher = KvEventPublisher("tcp://127.0.0.1:0", bind=True)
         self._probe = 0
         try:
@@ -83,10 +144,6 @@ class RouterHarness:
         except BaseException:
             self.close()
             raise
-
-    def call(self, coro: Any, timeout: float = 30.0) -> Any:
-        """Run a coroutine on the runtime's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     async def _start(self) -> None:
         from dynamo.llm import (
@@ -131,12 +188,7 @@ class RouterHarness:
 
     def overlap(self, tokens: Sequence[int]) -> Overlap:
         """This worker's overlap for ``tokens`` (all zero while the router knows no block of it)."""
-        async def query() -> dict[str, Any]:
-            # Dynamo's awaitables bind to the loop running when they are created: create them there.
-            return await self.router.get_overlap_scores(list(tokens))
-
-        scores = self.call(query())
-        rows = scores["workers"]
+        rows = self.call(_scores(self.router, tokens))["workers"]
         assert len(rows) <= 1, f"expected one worker, router reports {rows}"
         return Overlap.from_row(rows[0]) if rows else NO_OVERLAP
 
@@ -197,16 +249,20 @@ class RouterHarness:
                 self.call(stop(), timeout=10)
         finally:
             self.publisher.close()
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=5)
+            self._stop_loop()
 
 
-def vllm_block_hashes(token_ids: Sequence[int], block_size: int) -> list[bytes]:
-    """The chained block hashes vLLM gives a plain-text request (``request.block_hashes``, sha256)."""
+def vllm_block_hashes(token_ids: Sequence[int], block_size: int, *, seed: str | None = None) -> list[bytes]:
+    """The chained block hashes vLLM gives a plain-text request (``request.block_hashes``, sha256).
+
+    ``seed`` is the engine's PYTHONHASHSEED, from which vLLM derives the first block's parent
+    (``python -m dynamo.vllm`` sets it to "0" when it is unset); None: this process's own.
+    """
     from vllm.utils.hashing import sha256
     from vllm.v1.core import kv_cache_utils
 
-    kv_cache_utils.init_none_hash(sha256)
+    with patched_environ({} if seed is None else {"PYTHONHASHSEED": seed}):
+        kv_cache_utils.init_none_hash(sha256)
     hashes: list[bytes] = []
     parent = None
     for start in range(0, len(token_ids) - block_size + 1, block_size):

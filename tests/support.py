@@ -1,6 +1,7 @@
 """Helpers shared by the test modules (one copy each; test modules import from here, never from each other).
 
 * `free_port`, `wait_for`, `patched_environ`: ports, polling and environment for any test.
+* `RedisServer`: a throw-away password-protected redis-server (distributed reuse).
 * `make_hook_venv`: a throwaway virtualenv layered on ours with the Dynamo start-up hook installed, as
   scripts/setup.sh installs it.
 * For tests that start real ``dynamo.vllm`` workers: `write_torchvision_shim`, `base_env`,
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -80,6 +82,49 @@ def assert_connector_idle(flexkv: Any) -> None:
     for tier in ("cpu", "ssd"):
         assert tiers[tier]["pinned_blocks"] == 0, tiers
         assert tiers[tier]["used_slots"] == tiers[tier]["ready_blocks"], tiers
+
+
+class RedisServer:
+    """A throw-away redis-server on 127.0.0.1 with a password, no persistence."""
+
+    PASSWORD = "s3cret-test-pw"
+
+    def __init__(self, port: int | None = None, password: str = PASSWORD) -> None:
+        if shutil.which("redis-server") is None:
+            import pytest
+
+            pytest.skip("redis-server is not installed")
+        self.port = port or free_port()
+        self.password = password
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--requirepass", self.password],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.client().ping()  # waits: the client retries while the server comes up (below)
+        return self
+
+    def client(self):
+        import redis
+
+        r = redis.Redis(port=self.port, password=self.password, socket_timeout=2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                r.ping()
+                return r
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
 
 
 # ---- the start-up hook in a throwaway virtualenv ---------------------------------------------------

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import pytest
-from support import free_port, wait_for
+from support import RedisServer, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
-PASSWORD = "s3cret-test-pw"
+PASSWORD = RedisServer.PASSWORD
 SMALL = {"num_layers": 2, "block_size": 16, "num_kv_heads": 2, "head_dim": 64, "dtype": "float16"}  # 16 KiB
 BIG = {"num_layers": 8, "block_size": 64, "num_kv_heads": 8, "head_dim": 128, "dtype": "float16"}  # 2 MiB
 LEASE_S = 3.0
@@ -36,45 +36,6 @@ pytestmark = [pytest.mark.servers]
 
 # ------------------------------------------------------------------------------------------------------
 # servers and node processes
-
-
-class RedisServer:
-    """A throw-away redis-server on 127.0.0.1 with a password, no persistence."""
-
-    def __init__(self, port: int | None = None, password: str = PASSWORD) -> None:
-        if shutil.which("redis-server") is None:
-            pytest.skip("redis-server is not installed")
-        self.port = port or free_port()
-        self.password = password
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> RedisServer:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--requirepass", self.password],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.client().ping()  # waits: the client retries while the server comes up (below)
-        return self
-
-    def client(self):
-        import redis
-
-        r = redis.Redis(port=self.port, password=self.password, socket_timeout=2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                r.ping()
-                return r
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            self.proc = None
 
 
 class Node:
@@ -235,6 +196,79 @@ def test_a_prefix_stored_on_one_node_loads_byte_identical_on_another_and_dies_wi
     assert b.call("load", hashes=hashes)["digests"] == stored["digests"]
 
 
+def flexkv_status(node: Node) -> tuple[str, dict]:
+    """``flexkv status`` against the node's cache endpoint, as an operator types it: (text, --json)."""
+    endpoint = f"ipc://{node.dir}/svc.sock"
+    runs = [subprocess.run([sys.executable, "-m", "flexkv_core.cli", "status", "--endpoint", endpoint, *extra],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT) for extra in ([], ["--json"])]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    return runs[0].stdout, json.loads(runs[1].stdout)
+
+
+@pytest.mark.slow
+def test_flexkv_status_shows_peers_and_the_blocks_fetched_and_lent(cluster):
+    redis_server = cluster.redis().start()
+    a, b = cluster.nodes("a b", redis_server.port)
+    stored = a.call("store", prompt=7, n_blocks=5)
+    wait_for(lambda: b.call("lookup", hashes=stored["hashes"])["remote"] == 5, 2 + SNAPSHOT_S, "B to see A's")
+    assert b.call("load", hashes=stored["hashes"])["n"] == 5
+    a_id, b_id = a.call("describe")["node_id"], b.call("describe")["node_id"]
+
+    text, answer = flexkv_status(b)
+    view = answer["distributed"]
+    assert view["peers"] == [a_id] and view["stats"]["fetched_blocks"] == 5 and view["stats"]["lent_blocks"] == 0
+    assert f"peers: 1 ({a_id})" in text and "fetched: 5 blocks" in text and "lent: 0 blocks" in text
+    # A lent them (B keeps its copies: A's own view of B follows B's publishing).
+    wait_for(lambda: flexkv_status(a)[1]["distributed"]["peers"] == [b_id], 2 + SNAPSHOT_S, "A to see B")
+    text, answer = flexkv_status(a)
+    assert answer["distributed"]["stats"]["lent_blocks"] == 5 and answer["distributed"]["stats"]["exports"] >= 1
+    assert "lent: 5 blocks" in text and "fetched: 0 blocks" in text
+
+
+@pytest.mark.slow
+def test_a_peer_that_dies_freezes_or_stops_costs_a_request_no_multi_second_stall(cluster, capsys):
+    """A request needing blocks only a gone peer holds recomputes at once: a closed port refuses the export
+    call, a frozen node stops answering heartbeats (`PEER_LIVENESS_S`), a stopped node says goodbye (and
+    one that is killed has its goodbye process say it). The lease (30 s) and the call timeout (10 s) are
+    long here, so neither can explain a short stall; before this, each case cost the whole timeout."""
+    from flexkv_core.distributed.node import PEER_LIVENESS_S
+
+    timeout_s, lease_s = 10.0, 30.0
+    redis_server = cluster.redis().start()
+    r = redis_server.client()
+    prefix = f"flexkv:{fingerprint()}"
+    (b,) = cluster.nodes("b", redis_server.port, dist_timeout_s=timeout_s, dist_lease_s=lease_s)
+    stalls = {}
+    for k, how in enumerate(("SIGKILL", "SIGSTOP", "SIGTERM")):
+        (a,) = cluster.nodes(f"a{k}", redis_server.port, dist_timeout_s=timeout_s, dist_lease_s=lease_s)
+        a_id = a.call("describe")["node_id"]
+        hashes = a.call("store", prompt=20 + k, n_blocks=4)["hashes"]
+        wait_for(lambda h=hashes: b.call("lookup", hashes=h)["remote"] == 4, 5, f"B to see a{k}'s blocks")
+        if how == "SIGTERM":
+            a.signal(signal.SIGTERM)
+            a.proc.wait(timeout=30)
+        else:
+            a.signal(getattr(signal, how))
+        t0 = time.monotonic()
+        assert b.call("load", hashes=hashes)["n"] == 0  # recomputed
+        stalls[how] = time.monotonic() - t0
+        assert stalls[how] < timeout_s / 4, (how, stalls[how])
+        assert b.call("lookup", hashes=hashes)["remote"] == 0  # and no further request tries it
+        if how == "SIGSTOP":
+            a.signal(signal.SIGCONT)
+            a.kill()
+        # Gone from Redis long before its lease: its goodbye (killed) or its own close (SIGTERM) said so.
+        keys = [f"{prefix}:node:{a_id}", f"{prefix}:blocks:{a_id}", f"{prefix}:log:{a_id}"]
+        t0 = time.monotonic()
+        wait_for(lambda keys=keys: r.exists(*keys) == 0, lease_s / 3, f"a{k}'s keys to leave Redis")
+        left = time.monotonic() - t0
+        wait_for(lambda a_id=a_id: a_id not in b.call("describe")["peers"], 2 + SNAPSHOT_S, f"B to drop a{k}")
+        with capsys.disabled():
+            print(f"\n{how}: request stall {stalls[how] * 1000:.0f} ms (call timeout {timeout_s:g} s, peer "
+                  f"liveness {PEER_LIVENESS_S:g} s); keys left Redis {left * 1000:.0f} ms after the load")
+
+
 @pytest.mark.slow
 def test_a_node_that_does_not_verify_checksums_still_gets_and_lends_the_exact_bytes(cluster):
     redis_server = cluster.redis().start()
@@ -322,6 +356,51 @@ def test_nodes_work_without_redis_and_resynchronise_when_it_returns(cluster):
     wait_for(lambda: a.call("lookup", hashes=mine["hashes"])["remote"] == 2, 8, "A to see B's prompt")
     assert b.call("load", hashes=second["hashes"])["digests"] == second["digests"]
     assert a.call("describe")["stats"]["resyncs"] >= 2
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started (and theirs), from /proc."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            continue
+        for child in children:
+            out += [child, *descendants(child)]
+    return out
+
+
+@pytest.mark.slow
+def test_every_port_a_node_opens_takes_connections_at_the_node_address_only(cluster):
+    """FLEXKV_NODE_ADDR=127.0.0.1: nothing of a node answers at another address of this machine (127.0.0.2
+    reaches the same loopback interface), although Mooncake's transfer engine listens on every interface;
+    FLEXKV_DIST_BIND_ADDR=* is the operator's way to ask for every interface."""
+    from flexkv_core.distributed.listen import connectable, listening_sockets
+
+    redis_server = cluster.redis().start()
+    (a,) = cluster.nodes("a", redis_server.port)
+    (b,) = cluster.nodes("b", redis_server.port, dist_bind_addr="*")
+
+    def listeners(node: Node) -> list:
+        return [x for pid in (node.proc.pid, *descendants(node.proc.pid)) for x in listening_sockets(pid)]
+
+    mine = listeners(a)
+    service_port = int(a.call("describe")["node_id"].rpartition(":")[2])
+    assert len(mine) == 3 and service_port in {x.port for x in mine}  # export service, TE handshake and data
+    for x in mine:
+        assert connectable("127.0.0.1", x.port, 5), x
+        assert not connectable("127.0.0.2", x.port, 0.5), x
+        if x.port == service_port:
+            assert x.address == "127.0.0.1"  # ours binds the address itself
+    assert all(connectable("127.0.0.2", x.port, 5) for x in listeners(b))  # every interface, as asked
+    # Both still lend and fetch through the filtered ports.
+    from_a, from_b = a.call("store", prompt=30, n_blocks=3), b.call("store", prompt=31, n_blocks=3)
+    wait_for(lambda: b.call("lookup", hashes=from_a["hashes"])["remote"] == 3, 5, "B to see A's blocks")
+    wait_for(lambda: a.call("lookup", hashes=from_b["hashes"])["remote"] == 3, 5, "A to see B's blocks")
+    assert b.call("load", hashes=from_a["hashes"])["digests"] == from_a["digests"]
+    assert a.call("load", hashes=from_b["hashes"])["digests"] == from_b["digests"]
 
 
 def test_a_read_from_a_peer_that_is_gone_fails_at_once(tmp_path):
@@ -593,8 +672,15 @@ def _node_main(spec: dict) -> None:
     }
     control = CacheService(spec["control"], handlers, name=f"dist-test-{spec['name']}")
     control.start()
-    done.wait()
+    # What an operator's `flexkv status --endpoint FLEXKV_SERVER_RECV_PORT` talks to, as in a worker.
+    status = CacheService(cfg.server_recv_port, {**cache.service_handlers(), "distributed": node.describe},
+                          name=f"dist-test-cache-{spec['name']}")
+    status.start()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())  # a clean stop, as the standalone node does it
+    while not done.wait(0.1):  # short waits: the SIGTERM handler runs between them
+        pass
     time.sleep(0.1)  # let the reply to "exit" leave
+    status.stop()
     control.stop()
     node.close()
     cache.close()

@@ -20,28 +20,24 @@ Process logs go to the module's temporary directory; a failing test prints their
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import short_tmpdir
+from dynamo_cluster import Proc, cache_call, cpu_counts, flexkv_status_cli, stop_all, wait_until_serving
 from support import (
     BLOCK_SIZE,
     CHAT_TEMPLATE,
     GPU_BLOCKS,
     base_env,
     free_port,
-    group_alive,
     http_json,
     make_hook_venv,
     tiny_worker_args,
@@ -50,113 +46,6 @@ from support import (
 
 from flexkv_dynamo.launch_args import free_port_block, translate
 from flexkv_dynamo.tiny_model import words
-
-# ---- processes -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Proc:
-    """A process we started in its own session (so that stopping it stops its children), logging to a file."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    @classmethod
-    def start(cls, name: str, argv: Sequence[str], env: Mapping[str, str], log: Path) -> Proc:
-        with open(log, "wb") as fh:
-            popen = subprocess.Popen(list(argv), env=dict(env), stdout=fh, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        return cls(name, popen, log)
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def text(self) -> str:
-        return re.sub(r"\x1b\[[0-9;]*m", "", self.log.read_text(errors="replace"))
-
-    def tail(self, lines: int = 40) -> str:
-        return f"--- {self.name} ({self.log}) ---\n" + "\n".join(self.text().splitlines()[-lines:])
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the process group, SIGKILL after ``timeout``. The group gets the time left after its
-        leader exits: the engine core closes our cache then (a SIGKILL leaves the pool in /dev/shm until
-        the next cache start sweeps it)."""
-        deadline = time.monotonic() + timeout
-        if self.alive():
-            try:
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        while group_alive(self.popen.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)  # anything of its group still there
-        except ProcessLookupError:
-            pass
-        if self.alive():
-            self.popen.wait(10)
-
-
-def flexkv_status_cli(endpoint: str) -> dict[str, Any]:
-    """The worker cache's answer to ``flexkv status --endpoint E --json`` (the operator's command)."""
-    out = subprocess.run([sys.executable, "-m", "flexkv_core.cli", "status", "--endpoint", endpoint, "--json"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, f"flexkv status --endpoint {endpoint} failed: {out.stderr}"
-    return json.loads(out.stdout)["status"]
-
-
-def cpu_counts(endpoint: str) -> tuple[int, int]:
-    """(blocks stored into the CPU tier, blocks loaded from it) so far, asked as `flexkv status` asks."""
-    from flexkv_core.client import CacheClient
-
-    client = CacheClient(endpoint, timeout_s=10)
-    try:
-        metrics = client.call("status")["metrics"]
-    finally:
-        client.close()
-    return metrics["stored_blocks"]["cpu"], metrics["hit_blocks"]["cpu"]
-
-
-def stop_all(procs: Sequence[Proc], timeout: float = 30.0) -> None:
-    """SIGTERM every process group at once, then wait; SIGKILL what is left after ``timeout``."""
-    for proc in procs:
-        if proc.alive():
-            try:
-                os.killpg(proc.popen.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        try:
-            proc.popen.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    for proc in procs:
-        proc.stop(timeout=max(0.0, deadline - time.monotonic()))
-
-
-def wait_until_serving(url: str, procs: Sequence[Proc], workers: int, timeout: float) -> str:
-    """Wait for the frontend to list a model and ``workers`` generate endpoints; return the model id."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        dead = [p for p in procs if not p.alive()]
-        if dead:
-            raise AssertionError("exited during start-up:\n" + "\n".join(p.tail() for p in dead))
-        try:
-            models = http_json(f"{url}/v1/models", timeout=5)["data"]
-            health = http_json(f"{url}/health", timeout=5)
-        except (OSError, ValueError):
-            models, health = [], {}
-        generate = [i for i in health.get("instances", []) if i.get("endpoint") == "generate"]
-        if models and len(generate) >= workers:
-            return models[0]["id"]
-        time.sleep(2)
-    raise AssertionError(f"not serving after {timeout}s:\n" + "\n".join(p.tail() for p in procs))
 
 
 @dataclass
@@ -190,7 +79,8 @@ def cluster(tiny_model_dir):
     procs: list[Proc] = []
     try:
         frontend = Proc.start("frontend", [sys.executable, "-m", "dynamo.frontend", "--router-mode", "kv",
-                                           "--http-host", "127.0.0.1", "--http-port", str(http_port)],
+                                           "--http-host", "127.0.0.1", "--http-port", str(http_port),
+                                           "--migration-limit", "3"],  # as the launchers run it
                               env, workdir / "frontend.log")
         procs.append(frontend)
         workers, endpoints, system_ports = [], [], []
@@ -270,7 +160,7 @@ def test_prefix_only_in_one_workers_cpu_tier_is_routed_there_and_served_from_it(
     hits_after = [cpu_counts(e)[1] for e in cluster.cache_endpoints]
     # Served from our CPU tier on the holder: 8 blocks loaded there, none on the other worker.
     assert hits_after[holder] - hits_before[holder] == 8, (hits_before, hits_after, cluster.logs())
-    assert flexkv_status_cli(cluster.cache_endpoints[holder])["metrics"]["hit_blocks"]["cpu"] == hits_after[holder]
+    assert flexkv_status_cli(cluster.cache_endpoints[holder])["status"]["metrics"]["hit_blocks"]["cpu"] == hits_after[holder]
     assert hits_after[other] == hits_before[other]
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 8 * BLOCK_SIZE
     assert again["choices"][0]["text"] == first["choices"][0]["text"]  # loaded KV gives the same answer
@@ -285,10 +175,7 @@ def test_prefix_only_in_one_workers_cpu_tier_is_routed_there_and_served_from_it(
 
 
 def tier_blocks(endpoint: str) -> int:
-    from flexkv_core.client import CacheClient
-
-    with CacheClient(endpoint, timeout_s=10) as client:
-        tiers = client.call("status")["tiers"]
+    tiers = cache_call(endpoint, "status")["tiers"]
     return sum(t["ready_blocks"] for t in tiers.values())
 
 

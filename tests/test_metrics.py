@@ -190,3 +190,27 @@ def test_metrics_http_port_in_use_names_the_port():
         port = s.getsockname()[1]
         with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
             start_metrics_server(port, addr="127.0.0.1", registry=CollectorRegistry())
+
+
+def test_the_connectors_hit_counters_have_a_remote_tier():
+    """Blocks fetched from another node count as hits of their own: ``vllm:flexkv_hit_tokens{tier="remote"}``
+    next to cpu and ssd, and in the hit rate (the end-to-end count is in tests/test_dynamo_ops.py)."""
+    pytest.importorskip("vllm")
+    from prometheus_client import Counter, Gauge, Histogram
+    from vllm.config import KVTransferConfig, VllmConfig
+
+    from flexkv_dynamo.stats import HIT_TIERS, FlexKVConnectorStats, FlexKVPromMetrics
+
+    assert HIT_TIERS == ("cpu", "ssd", "remote")
+    stats = FlexKVConnectorStats(data={"lookup_tokens": 100, "hit_tokens_cpu": 10})
+    stats.aggregate(FlexKVConnectorStats(data={"hit_tokens_remote": 40, "hit_tokens_ssd": 30}))
+    assert stats.reduce()["hit_rate"] == 0.8
+
+    reg = CollectorRegistry()
+    bind = {cls: (lambda cls=cls, **kw: cls(registry=reg, **kw)) for cls in (Counter, Gauge, Histogram)}
+    config = VllmConfig(kv_transfer_config=KVTransferConfig(
+        kv_connector="FlexKVConnector", kv_connector_module_path="flexkv_dynamo.connector", kv_role="kv_both"))
+    prom = FlexKVPromMetrics(config, bind, ["engine"], {0: ["0"]})
+    prom.observe(stats.data, engine_idx=0)
+    for tier, tokens in (("cpu", 10), ("ssd", 30), ("remote", 40)):
+        assert value(reg, "vllm:flexkv_hit_tokens_total", engine="0", tier=tier) == tokens

@@ -254,15 +254,51 @@ def test_owner_shares_but_the_newcomer_does_not(endpoint, services):
 # --- client ----------------------------------------------------------------------------------------
 
 
-def test_client_times_out_when_nobody_serves(endpoint):
-    client = CacheClient(endpoint, timeout_s=0.5)
+def test_client_fails_at_once_when_nobody_serves(endpoint):
+    # ZMQ alone would reconnect silently and keep the request queued for the whole timeout.
+    client = CacheClient(endpoint, timeout_s=30, hint="is FLEXKV_DIST_SERVICE_PORT right?")
     t0 = time.monotonic()
     with pytest.raises(ServiceUnavailable) as info:
         client.call("status")
-    elapsed = time.monotonic() - t0
-    assert 0.5 <= elapsed < 1.5
-    assert endpoint in str(info.value)
+    assert time.monotonic() - t0 < 15  # far below the timeout: the refused connection ended the call
+    assert endpoint in str(info.value) and "connection refused" in str(info.value)
+    if endpoint.startswith("tcp://"):
+        assert "FLEXKV_DIST_SERVICE_PORT" in str(info.value)  # the hint names the setting of that endpoint
     client.close()
+
+
+def test_client_waits_out_a_slow_handler_but_not_past_its_timeout(endpoint, services):
+    services(endpoint, {"slow": lambda seconds: time.sleep(seconds) or "done"})
+    client = CacheClient(endpoint, timeout_s=1.0, liveness_s=0.2)
+    assert client.call("slow", seconds=0.6) == "done"  # slower than liveness_s: heartbeats keep it alive
+    t0 = time.monotonic()
+    with pytest.raises(ServiceUnavailable, match="within 1 s"):
+        client.call("slow", seconds=3)
+    assert time.monotonic() - t0 >= 1.0
+    client.close()
+
+
+def test_a_frozen_service_fails_the_call_after_liveness_not_timeout(tmp_path):
+    port = free_port()
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, f"tcp://127.0.0.1:{port}", "0", "0"], cwd=REPO,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().startswith("ready")
+        client = CacheClient(f"tcp://127.0.0.1:{port}", timeout_s=30, liveness_s=0.3)
+        assert client.call("whose") == "owner"
+        os.kill(owner.pid, signal.SIGSTOP)  # its libzmq stops answering heartbeats too
+        for connection in ("established", "fresh"):  # a fresh one is accepted by its kernel, never greeted
+            t0 = time.monotonic()
+            with pytest.raises(ServiceUnavailable, match="connection lost|handshake failed"):
+                client.call("whose")
+            assert time.monotonic() - t0 < 15, connection
+        os.kill(owner.pid, signal.SIGCONT)
+        assert client.call("whose") == "owner"  # back to normal once it runs again
+        client.close()
+    finally:
+        os.kill(owner.pid, signal.SIGCONT)
+        owner.stdin.close()
+        owner.wait(timeout=30)
 
 
 def test_client_recovers_once_the_service_appears(tmp_path, services):

@@ -14,6 +14,11 @@ Checksums (``dist_verify``, on by default) cost one pass over the bytes on each 
 is taken off the fetch path: a background thread hashes blocks soon after they are stored in CPU (SSD
 writes and verified reads and fetches already know theirs), so an export usually only looks them up.
 
+Leaving: `close` unregisters the node. A process that is killed instead (vLLM kills its engine core at
+shutdown) is unregistered by its *goodbye* process (`goodbye`) as soon as it has ended; a peer that
+asks it for blocks meanwhile gets a refused connection at once (or, for a frozen node, no heartbeat
+within `PEER_LIVENESS_S`) and skips it for a lease.
+
 Failure model: Redis is optional at run time. Down at start: a warning, local only, retried in the
 background; lost later: the snapshot is kept until it is a lease old (then dropped), and when Redis is
 back the node republishes everything it holds. A wrong password is a start-up error. Every fetch ends
@@ -47,6 +52,8 @@ from ..events import BlockRemoved, BlockStored, CacheEvent
 from ..layout import Tier
 from ..remote import RemoteBlock
 from ..service import CacheService
+from .goodbye import Goodbye, GoodbyeSpec
+from .listen import listen_address
 from .registry import NodeInfo, Registry
 from .snapshot import GlobalSnapshot
 from .transfer import EngineProcess, EngineSettings, check_metadata
@@ -60,6 +67,10 @@ _TIER_BIT = {Tier.CPU: 1, Tier.SSD: 2}
 #: before each the reader checks that the lease still covers it.
 _PIECE_BYTES = 64 << 20
 _EDGE_PIECE_BYTES = 8 << 20  # the first export and the last check are not overlapped: keep them short
+#: A peer whose libzmq answers no heartbeat for this long is gone (frozen, partitioned): the export call
+#: fails then instead of at FLEXKV_DIST_TIMEOUT_S. A dead peer's closed port fails it at once. A peer that
+#: is merely slow to answer (staging from its SSD) keeps answering heartbeats: its libzmq I/O thread does.
+PEER_LIVENESS_S = 0.5
 
 
 def _pieces(n: int, slot_bytes: int) -> list[tuple[int, int]]:
@@ -114,6 +125,8 @@ class NodeStats:
     resyncs: int = 0  # full republications (start, Redis back, lease lost)
     fetched_bytes: int = 0
     checksummed_ahead: int = 0  # stored blocks hashed in the background, before any peer asked
+    lent_blocks: int = 0  # blocks we exported to peers (pinned for them to read)
+    exports: int = 0  # export requests peers sent us
 
 
 def start_distributed(cache: TieredCache, config: FlexKVConfig) -> DistributedNode | None:
@@ -158,6 +171,7 @@ class DistributedNode:
         self._thread: threading.Thread | None = None
         self._hasher: threading.Thread | None = None
         self._auth_warned = False
+        self._goodbye: Goodbye | None = None
         self._closed = False
 
     @property
@@ -185,13 +199,16 @@ class DistributedNode:
             log.warning("Redis at %s unreachable (%s): serving local blocks only; retrying in the background",
                         self.registry.where, exc)
         pool = self.cache.pool
+        listen = listen_address(cfg.dist_bind_addr, cfg.node_addr)  # None: every interface, as asked
         settings = EngineSettings(host=cfg.node_addr, protocol=cfg.te_protocol, device=cfg.te_device,
-                                  metadata=cfg.te_metadata, port=cfg.te_port, timeout_s=self.timeout_s)
+                                  metadata=cfg.te_metadata, port=cfg.te_port, timeout_s=self.timeout_s,
+                                  listen=listen)
         self.transport = EngineProcess(settings, pool.name, pool.num_slots, self.slot_bytes)
         self._generation = self.transport.generation
         port = cfg.dist_service_port or "*"
-        self.service = CacheService(f"tcp://{cfg.node_addr}:{port}",
-                                    {"export": self.cache.export, "release_export": self.cache.release_export},
+        host = "*" if listen is None else f"[{listen}]" if ":" in listen else listen
+        self.service = CacheService(f"tcp://{host}:{port}",
+                                    {"export": self._lend, "release_export": self.cache.release_export},
                                     name="flexkv-distributed")
         self.service.start()
         service_port = self.service.endpoint.rpartition(":")[2]
@@ -200,6 +217,11 @@ class DistributedNode:
                              session=self.transport.session, pool_ptr=self.transport.pool_ptr,
                              slot_bytes=self.slot_bytes, num_slots=pool.num_slots, pid=os.getpid())
         self.snapshot = GlobalSnapshot(node_id, self.slot_bytes)
+        # Before we first register: whatever ends this process from now on, our keys leave Redis with it.
+        self._goodbye = Goodbye.start(GoodbyeSpec(
+            host=cfg.redis_host, port=cfg.redis_port, password=cfg.redis_password, db=cfg.redis_db,
+            node_keys=self.registry.node_keys(node_id), nodes_key=self.registry.key("nodes"), node_id=node_id,
+            pid=os.getpid(), timeout_s=self.timeout_s, give_up_s=self.lease_s))
         self._held = _subscribe(self.cache, self._on_event)
         self._subscribed = True
         self._dirty.clear()
@@ -235,6 +257,8 @@ class DistributedNode:
                 thread.join(timeout=self.timeout_s + 5)
         self._fetcher.shutdown(wait=True)
         self._releaser.shutdown(wait=True)
+        if self._goodbye is not None:
+            self._goodbye.cancel()  # we say it ourselves, now
         if self.connected and self.info is not None:
             try:
                 self.registry.unregister(self.node_id)
@@ -303,6 +327,14 @@ class DistributedNode:
                 "peers": snap.peer_ids() if snap else [], "peer_blocks": snap.block_count() if snap else 0,
                 "stats": vars(self.stats).copy()}
 
+    def _lend(self, **args) -> dict:
+        """The ``export`` method peers call: the cache pins and describes the blocks; we count them."""
+        grant = self.cache.export(**args)
+        with self._stats_lock:
+            self.stats.exports += 1
+            self.stats.lent_blocks += len(grant["slots"])
+        return grant
+
     # ---- fetching one run from one peer --------------------------------------------------------------
 
     def _client(self, endpoint: str, purpose: str = "export") -> CacheClient:
@@ -310,7 +342,10 @@ class DistributedNode:
         with self._clients_lock:
             client = self._clients.get((endpoint, purpose))
             if client is None:
-                client = self._clients[(endpoint, purpose)] = CacheClient(endpoint, timeout_s=self.timeout_s)
+                client = self._clients[(endpoint, purpose)] = CacheClient(
+                    endpoint, timeout_s=self.timeout_s, liveness_s=min(PEER_LIVENESS_S, self.timeout_s),
+                    hint="the peer's export service at FLEXKV_DIST_SERVICE_PORT: it died, froze or is unreachable "
+                         "from this node; it is skipped for a lease")
             return client
 
     def _fetch_run(self, peer: NodeInfo, hashes: list[int], buffers: Sequence[memoryview]) -> list[RemoteBlock]:

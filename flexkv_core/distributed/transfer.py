@@ -99,6 +99,7 @@ class EngineSettings:
     metadata: str = "P2PHANDSHAKE"
     port: int = 0  # first of two fixed ports; 0: any free ones
     timeout_s: float = 5.0  # stall timeout of a transfer
+    listen: str | None = None  # the only address the helper's ports accept connections on (None: any; `listen`)
 
 
 def _coalesce(local: Sequence[int], remote: Sequence[int], lengths: Sequence[int]
@@ -456,10 +457,17 @@ def _worker_main(spec: dict) -> None:
     fd_in, fd_out = spec["fds"]
     try:
         from ..tiers.cpu import CpuPool
+        from .listen import restrict_listeners
 
         name, num_slots, slot_bytes = spec["pool"]
         pool = CpuPool.attach(name, num_slots, slot_bytes)
-        transport = MooncakeTransport(EngineSettings(**spec["settings"]))
+        settings = EngineSettings(**spec["settings"])
+        transport = MooncakeTransport(settings)
+        if settings.listen is not None:
+            # Mooncake listens on every interface: only connections to our address get through.
+            restricted = restrict_listeners(settings.listen)
+            log.info("transfer engine ports %s accept connections to %s only",
+                     sorted(x.port for x in restricted), settings.listen)
         base = pool.data_ptr()
         transport.register(base, pool.nbytes)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
