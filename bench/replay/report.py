@@ -13,8 +13,9 @@ of all prompt (prefill) tokens:
   oracle - available), ``routing_loss`` (a worker held more of it than the one the router chose:
   available - chosen) and ``load_shortfall`` (the chosen worker held it but could not load all of it,
   e.g. no CPU slot to stage an SSD block into: chosen - reused);
-* ``prefill_imbalance``: the busiest worker's recomputed prompt tokens over the mean (1.0: even), what a
-  router that chases cache hits may cost in hot spots (the replay does not model queueing).
+* ``prefill_imbalance``: the busiest worker's recomputed prompt tokens over the mean (1.0: even), and
+  ``ttft_mean_s`` / ``ttft_p90_s``: the simulated time to first token (queueing for the worker's prefill,
+  then the prefill): what a router that chases cache hits may cost in hot spots.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class Row:
     routing_loss: float
     load_shortfall: float
     prefill_imbalance: float
+    ttft_mean_s: float
+    ttft_p90_s: float
     max_requests_per_worker: int
     min_requests_per_worker: int
     wall_s: float  # mean per repeat
@@ -78,6 +81,12 @@ def imbalance(per_worker: Sequence[int]) -> float:
     """max / mean of per-worker work (1.0 when even, or when there is none)."""
     mean = statistics.fmean(per_worker) if per_worker else 0.0
     return max(per_worker) / mean if mean else 1.0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))] if ordered else 0.0
 
 
 def summarize(runs: Sequence[ConfigResult], oracle: Oracle, pooled: Oracle) -> Row:
@@ -102,6 +111,8 @@ def summarize(runs: Sequence[ConfigResult], oracle: Oracle, pooled: Oracle) -> R
         reused_max=max(reused), oracle=o, pooled=p, of_pooled=r_mean / p if p else 1.0, gap=o - r_mean,
         capacity_loss=o - available, routing_loss=available - chosen, load_shortfall=chosen - r_mean,
         prefill_imbalance=statistics.fmean(imbalance(r.recomputed_per_worker) for r in runs),
+        ttft_mean_s=statistics.fmean(statistics.fmean(r.ttft_ms) for r in runs) / 1000,
+        ttft_p90_s=statistics.fmean(percentile(r.ttft_ms, 0.9) for r in runs) / 1000,
         max_requests_per_worker=max(max(r.requests_per_worker) for r in runs),
         min_requests_per_worker=min(min(r.requests_per_worker) for r in runs),
         wall_s=statistics.fmean(r.wall_s for r in runs), sync_s=statistics.fmean(r.sync_s for r in runs),
@@ -117,14 +128,14 @@ def markdown_table(rows: Sequence[Row]) -> str:
     """The results table: percentages of prompt tokens, wall seconds per repeat."""
     head = ("| configuration | GPU % | CPU % | SSD % | remote % | recomputed % | reused % (min-max) "
             "| of pooled oracle | gap to infinite pp | = capacity | + routing | + load | prefill imbalance "
-            "| requests/worker min-max | wall s |")
+            "| TTFT mean / p90 s | requests/worker min-max | wall s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r.config} | {_pct(r.gpu)} | {_pct(r.cpu)} | {_pct(r.ssd)} | {_pct(r.remote)} | {_pct(r.recomputed)} "
             f"| {_pct(r.reused)} ({_pct(r.reused_min)}-{_pct(r.reused_max)}) | {r.of_pooled:.2f} | {_pct(r.gap)} "
             f"| {_pct(r.capacity_loss)} | {_pct(r.routing_loss)} | {_pct(r.load_shortfall)} "
-            f"| {r.prefill_imbalance:.2f} | {r.min_requests_per_worker}-{r.max_requests_per_worker} | {r.wall_s:.1f} |"
+            f"| {r.prefill_imbalance:.2f} | {r.ttft_mean_s:.2f} / {r.ttft_p90_s:.2f} | {r.min_requests_per_worker}-{r.max_requests_per_worker} | {r.wall_s:.1f} |"
         )
     errors = [f"{r.config}: {r.load_errors}" for r in rows if r.load_errors]
     if errors:
@@ -221,7 +232,8 @@ def write_report(out: Path, rows: Sequence[Row], first_runs: Sequence[ConfigResu
           "reused / pooled. Gap = infinite oracle - reuse (points), split into capacity (no worker held the "
           "prefix any more), routing (another worker held more of it than the chosen one) and load (the chosen "
           "worker held it but could not load all of it). Prefill imbalance: busiest worker's recomputed tokens "
-          f"over the mean. Mean of {rows[0].repeats} repeat(s); wall seconds per repeat.", "",
+          "over the mean; TTFT: simulated (waiting for the worker's prefill queue, then prefill at "
+          f"{meta['prefill_tokens_per_s']:,.0f} tokens/s). Mean of {rows[0].repeats} repeat(s); wall seconds per repeat.", "",
           markdown_table(rows), "",
           "```", json.dumps(meta, indent=2), "```", "",
           "![sources](sources.png)", "", "![reuse over time](reuse_over_time.png)", ""]

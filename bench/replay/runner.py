@@ -5,11 +5,14 @@ The loop, per request in arrival order (see `replay` for the semantics as a whol
 1. requests whose simulated prefill or decode ended by this arrival are reported to the router
    (``mark_prefill_complete`` / ``free``), so its load view is the one a frontend would have;
 2. the router picks a worker (``best_worker``) for the request's synthetic tokens;
-3. the worker serves it (GPU, then our CPU, then SSD, the rest recomputed) and stores the prompt;
-4. its events are published and the router has applied them (barrier) before the next request.
+3. the worker serves it (GPU, then its node's CPU, then SSD, then other nodes, the rest recomputed)
+   and stores the prompt;
+4. the events of the worker (GPU) and of every node's tiers (to each worker of the node) are published,
+   and the router has applied them (barrier) before the next request.
 
-Simulated time only feeds the router's load view: a request's prefill lasts its recomputed tokens at
-``prefill_tokens_per_s`` and its decode ``output_length * tpot_ms``.
+Simulated time feeds the router's load view and a simulated time to first token: a worker prefills one
+request at a time in arrival order, each for its recomputed tokens at ``prefill_tokens_per_s`` (loads
+from our tiers are free), then decodes it for ``output_length * tpot_ms`` alongside the others.
 """
 
 from __future__ import annotations
@@ -175,6 +178,7 @@ class ConfigResult:
     load_errors: int = 0  # loads the cache refused with an exception (recomputed instead)
     reused_series: list[int] = field(default_factory=list)  # cumulative reused prompt tokens after each request
     recomputed_per_worker: list[int] = field(default_factory=list)  # prefill work each worker did, tokens
+    ttft_ms: list[float] = field(default_factory=list)  # simulated time to first token per request
     final_worker_stats: list[dict] = field(default_factory=list)
     check: Check | None = None  # with ``check=True``: the router's view against what the caches hold
 
@@ -252,6 +256,8 @@ async def _replay(requests: Sequence[TraceRequest], config: ReplayConfig, capaci
         totals = Totals()
         per_worker = [0] * num_workers
         recomputed = [0] * num_workers
+        prefill_free_at = [0.0] * num_workers  # ms: when each worker's prefill queue drains
+        ttft: list[float] = []
         series: list[int] = []
         pending: list[tuple[float, int, str, str]] = []  # (time_ms, order, "prefill"|"finish", request id)
         order = 0
@@ -281,7 +287,9 @@ async def _replay(requests: Sequence[TraceRequest], config: ReplayConfig, capaci
             recomputed[w] += served.recomputed_tokens
             series.append(totals.reused)
             prefill_ms = served.recomputed_tokens / time_model.prefill_tokens_per_s * 1000.0
-            end_prefill = req.timestamp_ms + prefill_ms
+            end_prefill = max(req.timestamp_ms, prefill_free_at[w]) + prefill_ms
+            prefill_free_at[w] = end_prefill
+            ttft.append(end_prefill - req.timestamp_ms)
             heapq.heappush(pending, (end_prefill, order, "prefill", rid))
             heapq.heappush(pending, (end_prefill + req.output_length * time_model.tpot_ms, order + 1, "finish", rid))
             order += 2
@@ -290,7 +298,7 @@ async def _replay(requests: Sequence[TraceRequest], config: ReplayConfig, capaci
         bar.close()
         wall = time.perf_counter() - started
         result = ConfigResult(config, totals, per_worker, wall, router.sync_seconds,
-                              sum(nd.load_errors for nd in nodes), series, recomputed,
+                              sum(nd.load_errors for nd in nodes), series, recomputed, ttft,
                               [{"gpu_blocks": len(wk.gpu), **(node_of[i].stats() if i in node_of else {})}
                                for i, wk in enumerate(workers)])
         if check:

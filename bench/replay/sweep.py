@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import statistics
 import sys
+import textwrap
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -56,6 +57,7 @@ class TraceSpec:
     preset: str | None = None
     seed: int = 1
     overrides: tuple[str, ...] = ()
+    limit: int | None = None  # at most this many requests (the sweep's --limit may cut further)
 
     def load(self, out: Path, limit: int | None) -> list[TraceRequest]:
         path = self.path
@@ -63,6 +65,8 @@ class TraceSpec:
             spec = with_overrides(PRESETS[self.preset], list(self.overrides))
             path = write_trace(out / "traces" / f"{self.name}.jsonl", spec, self.seed)
         assert path is not None
+        if self.limit is not None:
+            limit = self.limit if limit is None else min(limit, self.limit)
         return load_trace(path, every=self.every, offset=self.offset, limit=limit)
 
 
@@ -75,7 +79,7 @@ TRACES = (
     TraceSpec("rag-s1", "tune", preset="rag", seed=1),
     TraceSpec("mixed-s1", "tune", preset="mixed", seed=1),
     TraceSpec("conversation-o3", "holdout", CONVERSATION, every=6, offset=3),
-    TraceSpec("conversation-e3", "holdout", CONVERSATION, every=3, offset=1),
+    TraceSpec("conversation-e3", "holdout", CONVERSATION, every=3, offset=1, limit=2000),
     TraceSpec("agent-s2-2x", "holdout", preset="agent", seed=2, overrides=("session_rate=0.5",)),
     TraceSpec("rag-s2", "holdout", preset="rag", seed=2),
     TraceSpec("mixed-s2-2x", "holdout", preset="mixed", seed=2, overrides=("session_rate=1.0",)),
@@ -85,10 +89,12 @@ TRACES = (
 #: trade-off (prefill load scale), the GPU credit and the temperature around full tier credit.
 DEFAULT_KNOBS = (
     "0.75/0.25",
-    "0.5/0.25", "0.5/0.5", "0.75/0.5", "0.75/0.75", "1/0.25", "1/0.5", "1/0.75", "1/1",
-    "1/1:scale=0.5", "1/1:scale=2", "1/1:scale=4", "1/1:scale=8",
-    "1/0.75:scale=2", "1/1:credit=1.25", "1/1:temp=0.05",
+    "0.5/0.5", "0.75/0.75", "1/0.25", "1/0.5", "1/1",
+    "1/1:scale=0.5", "1/1:scale=2", "1/1:scale=4", "1/0.5:scale=2",
+    "1/1:credit=1.5", "1/1:temp=0.1",
 )
+#: The reference the TTFT column compares against: Dynamo's defaults.
+REFERENCE_KNOBS = "0.75/0.25"
 QUICK_KNOBS = ("0.75/0.25", "1/0.5", "1/1", "1/1:scale=2")
 
 #: Each setup and the peer a blind router gives it.
@@ -110,6 +116,7 @@ class SweepRow:
     routing_loss: float
     remote: float
     prefill_imbalance: float
+    ttft_mean_s: float
     wall_s: float
 
 
@@ -121,7 +128,7 @@ def _run_one(job: tuple) -> SweepRow:
     reused = t.reused / t.prompt
     return SweepRow(trace.name, trace.group, setup, knobs, config, len(requests), reused, pooled, best,
                     reused / pooled if pooled else 1.0, (t.available - t.chosen) / t.prompt, t.remote / t.prompt,
-                    imbalance(res.recomputed_per_worker), res.wall_s)
+                    imbalance(res.recomputed_per_worker), statistics.fmean(res.ttft_ms) / 1000, res.wall_s)
 
 
 def _init_worker(level: str) -> None:
@@ -173,9 +180,10 @@ def run_sweep(traces: Sequence[TraceSpec], setups: Sequence[str], knob_sets: Seq
 
 
 def summary(rows: Sequence[SweepRow]) -> list[dict]:
-    """Per (setup, knob set): mean and worst ratio to the pooled oracle on each trace group, and the mean
-    margin over the blind peer on the same trace."""
+    """Per (setup, knob set): mean and worst ratio to the pooled oracle on each trace group, the smallest
+    margin over the blind peer on the same trace, and the mean TTFT relative to Dynamo's defaults."""
     blind = {(r.trace, r.setup): r.of_pooled for r in rows if r.knobs == "blind"}
+    ref_ttft = {(r.trace, r.setup): r.ttft_mean_s for r in rows if r.knobs == REFERENCE_KNOBS}
     groups: dict[tuple[str, str], list[SweepRow]] = defaultdict(list)
     for r in rows:
         groups[(r.setup, r.knobs)].append(r)
@@ -189,6 +197,8 @@ def summary(rows: Sequence[SweepRow]) -> list[dict]:
                 entry[f"{group}_min"] = min(r.of_pooled for r in g)
                 entry[f"{group}_over_blind"] = min(r.of_pooled - blind.get((r.trace, setup), 0.0) for r in g)
         entry["imbalance"] = statistics.fmean(r.prefill_imbalance for r in rs)
+        ratios = [r.ttft_mean_s / ref_ttft[(r.trace, setup)] for r in rs if ref_ttft.get((r.trace, setup))]
+        entry["ttft_vs_reference"] = statistics.fmean(ratios) if ratios else float("nan")
         out.append(entry)
     return out
 
@@ -198,15 +208,16 @@ def markdown(rows: Sequence[SweepRow], meta: dict) -> str:
              f"{meta['workers']} workers ({meta['workers_per_node']} per node), GPU/CPU/SSD {meta['capacity']} "
              f"blocks each; {meta['runs']} replays in {meta['wall_s'] / 60:.0f} min. Figures: reuse as a "
              "fraction of the pooled-capacity oracle's (mean and worst over each trace group); `over blind`: "
-             "the smallest margin over the same setup with a router told nothing of our tiers.", "",
-             "| setup | knobs | tune mean | tune worst | holdout mean | holdout worst | over blind (worst) "
-             "| prefill imbalance |", "|---|---|---|---|---|---|---|---|"]
+             "the smallest margin over the same setup with a router told nothing of our tiers; TTFT: simulated "
+             f"mean time to first token over Dynamo's defaults' ({REFERENCE_KNOBS}) on the same trace and setup.",
+             "", "| setup | knobs | tune mean | tune worst | holdout mean | holdout worst | over blind (worst) "
+             "| prefill imbalance | TTFT vs defaults |", "|---|---|---|---|---|---|---|---|---|"]
     for e in summary(rows):
         lines.append(f"| {e['setup']} | {e['knobs']} | {e.get('tune_mean', float('nan')):.3f} "
                      f"| {e.get('tune_min', float('nan')):.3f} | {e.get('holdout_mean', float('nan')):.3f} "
                      f"| {e.get('holdout_min', float('nan')):.3f} "
                      f"| {min(e.get('tune_over_blind', 9), e.get('holdout_over_blind', 9)):+.3f} "
-                     f"| {e['imbalance']:.2f} |")
+                     f"| {e['imbalance']:.2f} | {e['ttft_vs_reference']:.2f} |")
     lines += ["", "Per trace (reuse % of prompt tokens / fraction of the pooled oracle):", ""]
     traces = list(dict.fromkeys(r.trace for r in rows))
     lines.append("| setup | knobs | " + " | ".join(traces) + " |")
@@ -252,7 +263,7 @@ def plot(rows: Sequence[SweepRow], path: Path, title: str) -> None:
     axes[-1, 0].set_xlabel("router knobs (host/disk weights, then :scale= prefill load scale, :credit= GPU "
                            "overlap credit, :temp= temperature); 'blind': router told nothing of our tiers")
     axes[0, 0].legend(fontsize=7, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.02), frameon=False)
-    axes[0, 0].set_title(title, fontsize=9, pad=48)
+    axes[0, 0].set_title("\n".join(textwrap.wrap(title, 110)), fontsize=9, pad=48)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
