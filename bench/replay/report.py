@@ -13,7 +13,8 @@ of all prompt (prefill) tokens:
   oracle - available), ``routing_loss`` (a worker held more of it than the one the router chose:
   available - chosen) and ``load_shortfall`` (the chosen worker held it but could not load all of it,
   e.g. no CPU slot to stage an SSD block into: chosen - reused);
-* ``prefill_imbalance``: the busiest worker's recomputed prompt tokens over the mean (1.0: even), and
+* ``prefill_imbalance`` / ``decode_imbalance``: the busiest worker's recomputed prompt tokens / generated
+  tokens over the mean (1.0: even), and
   ``ttft_mean_s`` / ``ttft_p90_s``: the simulated time to first token (queueing for the worker's prefill,
   then the prefill): what a router that chases cache hits may cost in hot spots.
 """
@@ -65,6 +66,7 @@ class Row:
     routing_loss: float
     load_shortfall: float
     prefill_imbalance: float
+    decode_imbalance: float
     ttft_mean_s: float
     ttft_p90_s: float
     max_requests_per_worker: int
@@ -111,6 +113,7 @@ def summarize(runs: Sequence[ConfigResult], oracle: Oracle, pooled: Oracle) -> R
         reused_max=max(reused), oracle=o, pooled=p, of_pooled=r_mean / p if p else 1.0, gap=o - r_mean,
         capacity_loss=o - available, routing_loss=available - chosen, load_shortfall=chosen - r_mean,
         prefill_imbalance=statistics.fmean(imbalance(r.recomputed_per_worker) for r in runs),
+        decode_imbalance=statistics.fmean(imbalance(r.decoded_per_worker) for r in runs),
         ttft_mean_s=statistics.fmean(statistics.fmean(r.ttft_ms) for r in runs) / 1000,
         ttft_p90_s=statistics.fmean(percentile(r.ttft_ms, 0.9) for r in runs) / 1000,
         max_requests_per_worker=max(max(r.requests_per_worker) for r in runs),
@@ -127,7 +130,7 @@ def _pct(x: float) -> str:
 def markdown_table(rows: Sequence[Row]) -> str:
     """The results table: percentages of prompt tokens, wall seconds per repeat."""
     head = ("| configuration | GPU % | CPU % | SSD % | remote % | recomputed % | reused % (min-max) "
-            "| of pooled oracle | gap to infinite pp | = capacity | + routing | + load | prefill imbalance "
+            "| of pooled oracle | gap to infinite pp | = capacity | + routing | + load | imbalance prefill / decode "
             "| TTFT mean / p90 s | requests/worker min-max | wall s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -135,7 +138,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
             f"| {r.config} | {_pct(r.gpu)} | {_pct(r.cpu)} | {_pct(r.ssd)} | {_pct(r.remote)} | {_pct(r.recomputed)} "
             f"| {_pct(r.reused)} ({_pct(r.reused_min)}-{_pct(r.reused_max)}) | {r.of_pooled:.2f} | {_pct(r.gap)} "
             f"| {_pct(r.capacity_loss)} | {_pct(r.routing_loss)} | {_pct(r.load_shortfall)} "
-            f"| {r.prefill_imbalance:.2f} | {r.ttft_mean_s:.2f} / {r.ttft_p90_s:.2f} | {r.min_requests_per_worker}-{r.max_requests_per_worker} | {r.wall_s:.1f} |"
+            f"| {r.prefill_imbalance:.2f} / {r.decode_imbalance:.2f} | {r.ttft_mean_s:.2f} / {r.ttft_p90_s:.2f} | {r.min_requests_per_worker}-{r.max_requests_per_worker} | {r.wall_s:.1f} |"
         )
     errors = [f"{r.config}: {r.load_errors}" for r in rows if r.load_errors]
     if errors:
@@ -231,8 +234,8 @@ def write_report(out: Path, rows: Sequence[Row], first_runs: Sequence[ConfigResu
           f"blocks, {meta['pooled_blocks']:,}, perfect routing) {_pct(rows[0].pooled)} %. `of pooled oracle` = "
           "reused / pooled. Gap = infinite oracle - reuse (points), split into capacity (no worker held the "
           "prefix any more), routing (another worker held more of it than the chosen one) and load (the chosen "
-          "worker held it but could not load all of it). Prefill imbalance: busiest worker's recomputed tokens "
-          "over the mean; TTFT: simulated (waiting for the worker's prefill queue, then prefill at "
+          "worker held it but could not load all of it). Imbalance: the busiest worker's recomputed prompt tokens / "
+          "generated tokens over the mean; TTFT: simulated (waiting for the worker's prefill queue, then prefill at "
           f"{meta['prefill_tokens_per_s']:,.0f} tokens/s). Mean of {rows[0].repeats} repeat(s); wall seconds per repeat.", "",
           markdown_table(rows), "",
           "```", json.dumps(meta, indent=2), "```", "",

@@ -179,6 +179,7 @@ class ConfigResult:
     reused_series: list[int] = field(default_factory=list)  # cumulative reused prompt tokens after each request
     recomputed_per_worker: list[int] = field(default_factory=list)  # prefill work each worker did, tokens
     ttft_ms: list[float] = field(default_factory=list)  # simulated time to first token per request
+    decoded_per_worker: list[int] = field(default_factory=list)  # output tokens each worker generated
     final_worker_stats: list[dict] = field(default_factory=list)
     check: Check | None = None  # with ``check=True``: the router's view against what the caches hold
 
@@ -256,6 +257,7 @@ async def _replay(requests: Sequence[TraceRequest], config: ReplayConfig, capaci
         totals = Totals()
         per_worker = [0] * num_workers
         recomputed = [0] * num_workers
+        decoded = [0] * num_workers
         prefill_free_at = [0.0] * num_workers  # ms: when each worker's prefill queue drains
         ttft: list[float] = []
         series: list[int] = []
@@ -285,6 +287,7 @@ async def _replay(requests: Sequence[TraceRequest], config: ReplayConfig, capaci
             totals.add(served, max(held), held[w])
             per_worker[w] += 1
             recomputed[w] += served.recomputed_tokens
+            decoded[w] += req.output_length
             series.append(totals.reused)
             prefill_ms = served.recomputed_tokens / time_model.prefill_tokens_per_s * 1000.0
             end_prefill = max(req.timestamp_ms, prefill_free_at[w]) + prefill_ms
@@ -298,7 +301,7 @@ async def _replay(requests: Sequence[TraceRequest], config: ReplayConfig, capaci
         bar.close()
         wall = time.perf_counter() - started
         result = ConfigResult(config, totals, per_worker, wall, router.sync_seconds,
-                              sum(nd.load_errors for nd in nodes), series, recomputed, ttft,
+                              sum(nd.load_errors for nd in nodes), series, recomputed, ttft, decoded,
                               [{"gpu_blocks": len(wk.gpu), **(node_of[i].stats() if i in node_of else {})}
                                for i, wk in enumerate(workers)])
         if check:

@@ -88,9 +88,8 @@ TRACES = (
 #: Router knob sets: Dynamo's defaults first, the host / disk weights on a grid, then the load-vs-cache
 #: trade-off (prefill load scale), the GPU credit and the temperature around full tier credit.
 DEFAULT_KNOBS = (
-    "0.75/0.25",
-    "0.5/0.5", "0.75/0.75", "1/0.25", "1/0.5", "1/1",
-    "1/1:scale=0.5", "1/1:scale=2", "1/1:scale=4", "1/0.5:scale=2",
+    "0.75/0.25", "0.5/0.5", "1/0.5", "1/1",
+    "1/1:scale=0.5", "1/1:scale=2", "1/1:scale=4", "1/1:scale=8", "1/0.5:scale=4",
     "1/1:credit=1.5", "1/1:temp=0.1",
 )
 #: The reference the TTFT column compares against: Dynamo's defaults.
@@ -116,6 +115,7 @@ class SweepRow:
     routing_loss: float
     remote: float
     prefill_imbalance: float
+    decode_imbalance: float
     ttft_mean_s: float
     wall_s: float
 
@@ -128,7 +128,8 @@ def _run_one(job: tuple) -> SweepRow:
     reused = t.reused / t.prompt
     return SweepRow(trace.name, trace.group, setup, knobs, config, len(requests), reused, pooled, best,
                     reused / pooled if pooled else 1.0, (t.available - t.chosen) / t.prompt, t.remote / t.prompt,
-                    imbalance(res.recomputed_per_worker), statistics.fmean(res.ttft_ms) / 1000, res.wall_s)
+                    imbalance(res.recomputed_per_worker), imbalance(res.decoded_per_worker),
+                    statistics.fmean(res.ttft_ms) / 1000, res.wall_s)
 
 
 def _init_worker(level: str) -> None:
@@ -197,6 +198,7 @@ def summary(rows: Sequence[SweepRow]) -> list[dict]:
                 entry[f"{group}_min"] = min(r.of_pooled for r in g)
                 entry[f"{group}_over_blind"] = min(r.of_pooled - blind.get((r.trace, setup), 0.0) for r in g)
         entry["imbalance"] = statistics.fmean(r.prefill_imbalance for r in rs)
+        entry["decode_imbalance"] = statistics.fmean(r.decode_imbalance for r in rs)
         ratios = [r.ttft_mean_s / ref_ttft[(r.trace, setup)] for r in rs if ref_ttft.get((r.trace, setup))]
         entry["ttft_vs_reference"] = statistics.fmean(ratios) if ratios else float("nan")
         out.append(entry)
@@ -211,13 +213,13 @@ def markdown(rows: Sequence[SweepRow], meta: dict) -> str:
              "the smallest margin over the same setup with a router told nothing of our tiers; TTFT: simulated "
              f"mean time to first token over Dynamo's defaults' ({REFERENCE_KNOBS}) on the same trace and setup.",
              "", "| setup | knobs | tune mean | tune worst | holdout mean | holdout worst | over blind (worst) "
-             "| prefill imbalance | TTFT vs defaults |", "|---|---|---|---|---|---|---|---|---|"]
+             "| imbalance prefill / decode | TTFT vs defaults |", "|---|---|---|---|---|---|---|---|---|"]
     for e in summary(rows):
         lines.append(f"| {e['setup']} | {e['knobs']} | {e.get('tune_mean', float('nan')):.3f} "
                      f"| {e.get('tune_min', float('nan')):.3f} | {e.get('holdout_mean', float('nan')):.3f} "
                      f"| {e.get('holdout_min', float('nan')):.3f} "
                      f"| {min(e.get('tune_over_blind', 9), e.get('holdout_over_blind', 9)):+.3f} "
-                     f"| {e['imbalance']:.2f} | {e['ttft_vs_reference']:.2f} |")
+                     f"| {e['imbalance']:.2f} / {e['decode_imbalance']:.2f} | {e['ttft_vs_reference']:.2f} |")
     lines += ["", "Per trace (reuse % of prompt tokens / fraction of the pooled oracle):", ""]
     traces = list(dict.fromkeys(r.trace for r in rows))
     lines.append("| setup | knobs | " + " | ".join(traces) + " |")
