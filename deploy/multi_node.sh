@@ -26,7 +26,8 @@ Usage: deploy/multi_node.sh ROLE [options] [-- extra dynamo.vllm arguments]
 Roles:
   infra      etcd (--etcd-port 2379, --etcd-peer-port 2380) and NATS (--nats-port 4222) on this node
   frontend   the KV-routing frontend (--http-port 8000, --router-host-cache-hit-weight W,
-             --router-disk-cache-hit-weight W, --frontend-arg ARG ...)
+             --router-disk-cache-hit-weight W, --router-prefill-load-scale S, --router-kv-overlap-score-credit C,
+             --router-temperature T: ours by default, see deploy/README.md; --frontend-arg ARG ...)
   workers    FlexKV workers on this node (options below)
 
 Environment: NODE_IP (this node), INFRA_HOST (the infra node) or ETCD_ENDPOINTS + NATS_SERVER.
@@ -51,7 +52,7 @@ esac
 
 worker_defaults
 HTTP_PORT=8000
-FRONTEND_ARGS=()
+FRONTEND_ARGS=("${ROUTER_DEFAULT_ARGS[@]}")  # ours first: options given below override them
 ETCD_PORT=2379; ETCD_PEER_PORT=2380
 NATS_PORT=4222
 WORKDIR=/tmp/flexkv_multi_node
@@ -63,7 +64,8 @@ while [ "$#" -gt 0 ]; do
   fi
   case "$1" in
     --http-port) HTTP_PORT="$2"; shift 2 ;;
-    --router-host-cache-hit-weight|--router-disk-cache-hit-weight) FRONTEND_ARGS+=("$1" "$2"); shift 2 ;;
+    --router-host-cache-hit-weight|--router-disk-cache-hit-weight|--router-prefill-load-scale|\
+    --router-kv-overlap-score-credit|--router-temperature) FRONTEND_ARGS+=("$1" "$2"); shift 2 ;;
     --frontend-arg) FRONTEND_ARGS+=("$2"); shift 2 ;;
     --etcd-port) ETCD_PORT="$2"; shift 2 ;;
     --etcd-peer-port) ETCD_PEER_PORT="$2"; shift 2 ;;

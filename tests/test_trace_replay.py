@@ -157,10 +157,23 @@ def test_nodes_group_consecutive_workers_only_when_tiers_are_shared():
         node_groups(4, 3, SETUPS["shared-node"])
 
 
-def test_shipped_router_knobs_are_what_the_deploy_scripts_pass():
-    lib = (Path(__file__).resolve().parents[1] / "deploy" / "lib.sh").read_text()
-    line = next(x for x in lib.splitlines() if x.startswith("ROUTER_DEFAULT_ARGS=("))
-    assert line == f"ROUTER_DEFAULT_ARGS=({' '.join(SHIPPED_KNOBS.frontend_args())})"
+def test_shipped_router_knobs_are_what_the_deploy_scripts_and_manifests_pass():
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    args = SHIPPED_KNOBS.frontend_args()
+    line = next(x for x in (deploy / "lib.sh").read_text().splitlines() if x.startswith("ROUTER_DEFAULT_ARGS=("))
+    assert line == f"ROUTER_DEFAULT_ARGS=({' '.join(args)})"
+    manifest = (deploy / "k8s" / "frontend.yaml").read_text()
+    router_lines = sorted(x.strip() for x in manifest.splitlines() if x.strip().startswith("- --router-")
+                          and x.strip() != "- --router-mode=kv")
+    assert router_lines == sorted(f"- {flag}={value}" for flag, value in zip(args[::2], args[1::2]))
+
+
+@pytest.mark.dynamo
+def test_dynamo_reads_the_shipped_knobs_from_those_arguments():
+    pytest.importorskip("dynamo.frontend")
+    config = SHIPPED_KNOBS.config()  # through dynamo.frontend's own parser and FrontendConfig
+    assert config.prefill_load_scale == SHIPPED_KNOBS.scale
+    assert config.overlap_score_credit == SHIPPED_KNOBS.credit
 
 
 def test_synthetic_traces_are_prefix_chained_and_reproducible(tmp_path):

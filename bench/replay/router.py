@@ -84,18 +84,33 @@ class RouterKnobs:
                 raise ValueError(f"router {name} must be finite and >= 0, got {value}")
 
     def frontend_args(self) -> list[str]:
-        """The ``dynamo.frontend`` arguments that set these knobs (every one, defaults included)."""
-        return ["--router-host-cache-hit-weight", f"{self.host:g}", "--router-disk-cache-hit-weight", f"{self.disk:g}",
-                "--router-prefill-load-scale", f"{self.scale:g}", "--router-kv-overlap-score-credit",
-                f"{self.credit:g}", "--router-temperature", f"{self.temperature:g}"]
+        """The ``dynamo.frontend`` arguments that set these knobs: the two weights always, the others where
+        they differ from Dynamo's defaults (Dynamo 1.6.1 deprecates their flags for a policy file in 1.7)."""
+        args = ["--router-host-cache-hit-weight", f"{self.host:g}", "--router-disk-cache-hit-weight", f"{self.disk:g}"]
+        base = RouterKnobs()
+        for flag, attr in (("--router-prefill-load-scale", "scale"), ("--router-kv-overlap-score-credit", "credit"),
+                           ("--router-temperature", "temperature")):
+            if getattr(self, attr) != getattr(base, attr):
+                args += [flag, f"{getattr(self, attr):g}"]
+        return args
 
     def config(self) -> Any:
-        """Dynamo's ``KvRouterConfig`` with these knobs (everything else at Dynamo's defaults)."""
+        """Dynamo's ``KvRouterConfig`` exactly as ``dynamo.frontend --router-mode kv`` builds it from
+        `frontend_args` (Dynamo's own argument parser and config; everything else at its defaults)."""
+        import argparse
+        import warnings
+
+        from dynamo.frontend.frontend_args import FrontendArgGroup, FrontendConfig
         from dynamo.llm import KvRouterConfig
 
-        return KvRouterConfig(host_cache_hit_weight=self.host, disk_cache_hit_weight=self.disk,
-                              router_temperature=self.temperature, overlap_score_credit=self.credit,
-                              prefill_load_scale=self.scale)
+        parser = argparse.ArgumentParser()
+        FrontendArgGroup().add_arguments(parser)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the deprecation notices of 1.6.1's flags
+            args = parser.parse_args(["--router-mode", "kv", *self.frontend_args()])
+        frontend = FrontendConfig.from_cli_args(args)
+        frontend.validate()
+        return KvRouterConfig(**frontend.kv_router_kwargs())
 
     def label(self) -> str:
         """``HOST/DISK`` and the knobs that differ from Dynamo's defaults, e.g. ``1/1:scale=2``."""

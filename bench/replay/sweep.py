@@ -180,6 +180,19 @@ def run_sweep(traces: Sequence[TraceSpec], setups: Sequence[str], knob_sets: Seq
     return rows
 
 
+def read_rows(paths: Sequence[Path]) -> list[SweepRow]:
+    """Rows of earlier sweeps' CSV files; a later row replaces an earlier one of the same (trace, setup, knobs)."""
+    kinds = {"int": int, "float": float, "str": str}  # the field annotations, as strings
+    fields = {name: kinds[f.type] for name, f in SweepRow.__dataclass_fields__.items()}
+    merged: dict[tuple[str, str, str], SweepRow] = {}
+    for path in paths:
+        with open(path, newline="", encoding="utf-8") as f:
+            for rec in csv.DictReader(f):
+                row = SweepRow(**{name: kind(rec[name]) for name, kind in fields.items()})
+                merged[(row.trace, row.setup, row.knobs)] = row
+    return list(merged.values())
+
+
 def summary(rows: Sequence[SweepRow]) -> list[dict]:
     """Per (setup, knob set): mean and worst ratio to the pooled oracle on each trace group, the smallest
     margin over the blind peer on the same trace, and the mean TTFT relative to Dynamo's defaults."""
@@ -208,7 +221,8 @@ def summary(rows: Sequence[SweepRow]) -> list[dict]:
 def markdown(rows: Sequence[SweepRow], meta: dict) -> str:
     lines = [f"# Router knob sweep ({meta['command']})", "",
              f"{meta['workers']} workers ({meta['workers_per_node']} per node), GPU/CPU/SSD {meta['capacity']} "
-             f"blocks each; {meta['runs']} replays in {meta['wall_s'] / 60:.0f} min. Figures: reuse as a "
+             f"blocks each; {meta['runs']} replays ({sum(r.wall_s for r in rows) / 60:.0f} min of replay). Figures: "
+             "reuse as a "
              "fraction of the pooled-capacity oracle's (mean and worst over each trace group); `over blind`: "
              "the smallest margin over the same setup with a router told nothing of our tiers; TTFT: simulated "
              f"mean time to first token over Dynamo's defaults' ({REFERENCE_KNOBS}) on the same trace and setup.",
@@ -283,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="300 requests per trace, 4 knob sets")
     ap.add_argument("--jobs", type=int, default=1, help="replays in parallel (processes; default 1)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
+    ap.add_argument("--from", dest="sources", type=Path, nargs="+", default=None, metavar="CSV",
+                    help="replay nothing: write sweep.md and sweep.png of the rows of these sweep.csv files "
+                         "(several sweeps combined; a later row replaces an earlier one of the same trace, "
+                         "setup and knobs)")
     args = ap.parse_args(argv)
     check_cluster_args(ap, args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -305,9 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     time_model = TimeModel(prefill_tokens_per_s=args.prefill_tps, tpot_ms=args.tpot_ms)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows = run_sweep(traces, setups, knob_sets, capacity, args.workers, args.workers_per_node, time_model, args.out,
-                     limit, args.jobs, args.out / "sweep.csv", args.log_level.upper())
-    meta = {"command": " ".join(["bench/trace_replay.py sweep", *(sys.argv[2:] if argv is None else argv)]),
+    if args.sources:
+        rows = read_rows(args.sources)
+    else:
+        rows = run_sweep(traces, setups, knob_sets, capacity, args.workers, args.workers_per_node, time_model,
+                         args.out, limit, args.jobs, args.out / "sweep.csv", args.log_level.upper())
+    command = " ".join(["bench/trace_replay.py sweep", *(sys.argv[2:] if argv is None else argv)])
+    meta = {"command": command,
             "workers": args.workers, "workers_per_node": args.workers_per_node,
             "capacity": f"{args.gpu_blocks}/{args.cpu_blocks}/{args.ssd_blocks}", "runs": len(rows),
             "wall_s": time.perf_counter() - started}
@@ -315,5 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, args.out / "sweep.png", f"{meta['command']}: {meta['workers']} workers ({meta['workers_per_node']} "
          f"per node), GPU/CPU/SSD {meta['capacity']} blocks each")
     print((args.out / "sweep.md").read_text())
-    print(f"sweep: {len(rows)} replays in {meta['wall_s'] / 60:.1f} min; {args.out}/sweep.{{md,csv,png}}")
+    if args.sources:
+        print(f"sweep report of {len(rows)} replays: {args.out}/sweep.md, {args.out}/sweep.png")
+    else:
+        print(f"sweep: {len(rows)} replays in {meta['wall_s'] / 60:.1f} min; {args.out}/sweep.{{md,csv,png}}")
     return 0
