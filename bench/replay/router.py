@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 #: Dynamo binds its servers to the machine's address unless told otherwise: keep them on loopback.
 LOOPBACK_ENV = ("DYN_TCP_RPC_HOST", "DYN_EVENT_PLANE_HOST", "DYN_TCP_RESPONSE_STREAM_HOST", "DYN_SYSTEM_HOST")
 
-#: How long a probe may take to reach the router before the replay stops with an error.
-SYNC_TIMEOUT_S = 30.0
+#: How long a probe may take to reach the router before the replay stops with an error (generous: on a
+#: machine loaded far beyond its cores, a probe has been seen to take over 30 s).
+SYNC_TIMEOUT_S = 180.0
 #: At start, PUB/SUB drops batches sent before the relay's subscription is in place: probes are resent
 #: this often until one arrives.
 STARTUP_RESEND_S = 0.5

@@ -120,10 +120,21 @@ class SweepRow:
     wall_s: float
 
 
-def _run_one(job: tuple) -> SweepRow:
+#: A replay that fails (the router missing the barrier on an overloaded machine) is run again this often.
+RETRIES = 2
+
+
+def _run_one(job: tuple) -> SweepRow | None:
     trace, setup, knobs, config, requests, capacity, workers, wpn, time_model, pooled, best = job
-    res = run_config(requests, parse_config(config), capacity, num_workers=workers, workers_per_node=wpn,
-                     time_model=time_model, progress=False)
+    for attempt in range(RETRIES + 1):
+        try:
+            res = run_config(requests, parse_config(config), capacity, num_workers=workers, workers_per_node=wpn,
+                             time_model=time_model, progress=False)
+            break
+        except (TimeoutError, RuntimeError) as exc:
+            log.warning("%s on %s failed (attempt %d of %d): %s", config, trace.name, attempt + 1, RETRIES + 1, exc)
+    else:
+        return None
     t = res.totals
     reused = t.reused / t.prompt
     return SweepRow(trace.name, trace.group, setup, knobs, config, len(requests), reused, pooled, best,
@@ -138,9 +149,13 @@ def _init_worker(level: str) -> None:
 
 def run_sweep(traces: Sequence[TraceSpec], setups: Sequence[str], knob_sets: Sequence[str], capacity: Capacity,
               workers: int, wpn: int, time_model: TimeModel, out: Path, limit: int | None, jobs: int,
-              csv_path: Path, log_level: str = "WARNING") -> list[SweepRow]:
-    """Every (trace, setup, knob set) plus every (trace, setup)'s blind peer; rows appended to ``csv_path``
-    as they finish."""
+              csv_path: Path, log_level: str = "WARNING", blind: bool = True) -> list[SweepRow]:
+    """Every (trace, setup, knob set) plus (``blind``) every (trace, setup)'s blind peer; rows appended to
+    ``csv_path`` as they finish. Runs already in ``csv_path`` (an interrupted sweep) are not run again."""
+    rows: list[SweepRow] = read_rows([csv_path]) if csv_path.exists() else []
+    done_keys = {(r.trace, r.setup, r.knobs) for r in rows}
+    if rows:
+        print(f"resuming: {len(rows)} replays already in {csv_path}", flush=True)
     todo = []
     for trace in traces:
         requests = trace.load(out, limit)
@@ -151,20 +166,28 @@ def run_sweep(traces: Sequence[TraceSpec], setups: Sequence[str], knob_sets: Seq
         print(f"{trace.name} ({trace.group}): {len(requests)} requests, oracles infinite {inf:.1%} "
               f"pooled {pooled:.1%}", flush=True)
         for setup in setups:
-            for knobs in ("blind", *knob_sets):
+            for knobs in (["blind"] if blind else []) + list(knob_sets):
                 config = BLIND[setup] if knobs == "blind" else f"{setup}@{knobs}"
+                if (trace.name, setup, knobs) in done_keys:
+                    continue
                 todo.append((trace, setup, knobs, config, requests, capacity, workers, wpn, time_model, pooled, inf))
-    rows: list[SweepRow] = []
     started = time.perf_counter()
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+    failed: list[str] = []
+    new_file = not rows
+    with open(csv_path, "w" if new_file else "a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(SweepRow.__dataclass_fields__))
-        writer.writeheader()
+        if new_file:
+            writer.writeheader()
 
-        def done(row: SweepRow) -> None:
+        def done(row: SweepRow | None, job: tuple) -> None:
+            if row is None:
+                failed.append(f"{job[3]} on {job[0].name}")
+                return
             rows.append(row)
             writer.writerow(asdict(row))
             f.flush()
-            print(f"  [{len(rows)}/{len(todo)} {time.perf_counter() - started:.0f}s] {row.trace} {row.config}: "
+            total = len(todo) + len(done_keys)
+            print(f"  [{len(rows)}/{total} {time.perf_counter() - started:.0f}s] {row.trace} {row.config}: "
                   f"reused {row.reused:.1%}, {row.of_pooled:.3f} of pooled, routing loss {row.routing_loss:.1%}",
                   flush=True)
 
@@ -172,11 +195,14 @@ def run_sweep(traces: Sequence[TraceSpec], setups: Sequence[str], knob_sets: Seq
             # Fresh processes (spawn): Dynamo's runtime must not inherit a forked copy of another's state.
             with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                                      initargs=(log_level,)) as pool:
-                for row in pool.map(_run_one, todo):
-                    done(row)
+                for row, job in zip(pool.map(_run_one, todo), todo):
+                    done(row, job)
         else:
             for job in todo:
-                done(_run_one(job))
+                done(_run_one(job), job)
+    if failed:
+        print(f"failed after {RETRIES + 1} attempts ({len(failed)}): {'; '.join(failed)}; run the same command "
+              "again to retry them", flush=True)
     return rows
 
 
@@ -295,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--knobs", default=None, help="comma-separated knob sets (default: a grid of 16, see sweep.py)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many requests per trace")
     ap.add_argument("--quick", action="store_true", help="300 requests per trace, 4 knob sets")
+    ap.add_argument("--no-blind", action="store_true", help="skip the blind peers (a sweep that adds knob sets)")
     ap.add_argument("--jobs", type=int, default=1, help="replays in parallel (processes; default 1)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
     ap.add_argument("--from", dest="sources", type=Path, nargs="+", default=None, metavar="CSV",
@@ -327,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = read_rows(args.sources)
     else:
         rows = run_sweep(traces, setups, knob_sets, capacity, args.workers, args.workers_per_node, time_model,
-                         args.out, limit, args.jobs, args.out / "sweep.csv", args.log_level.upper())
+                         args.out, limit, args.jobs, args.out / "sweep.csv", args.log_level.upper(),
+                         blind=not args.no_blind)
     command = " ".join(["bench/trace_replay.py sweep", *(sys.argv[2:] if argv is None else argv)])
     meta = {"command": command,
             "workers": args.workers, "workers_per_node": args.workers_per_node,
