@@ -9,6 +9,9 @@ of all prompt (prefill) tokens:
 * ``reused``: their sum; ``oracle``: what an infinite cache shared by all workers would reuse;
   ``pooled``: what one LRU cache of all workers' GPU + CPU + SSD capacity together, with perfect routing,
   reuses (the pooled-capacity oracle); ``of_pooled``: reused / pooled, the figure our goal is set on;
+* ``available``: what the best-placed worker could have loaded at each arrival (a router that knew every
+  tier and ignored load would reuse this much; available / pooled < 1 is capacity our topology loses to
+  duplicates and to split pools);
 * ``gap``: oracle - reused, split three ways: ``capacity_loss`` (no worker held the prefix any more:
   oracle - available), ``routing_loss`` (a worker held more of it than the one the router chose:
   available - chosen) and ``load_shortfall`` (the chosen worker held it but could not load all of it,
@@ -61,6 +64,7 @@ class Row:
     oracle: float
     pooled: float
     of_pooled: float
+    available: float  # what the best-placed worker could load, summed over requests
     gap: float
     capacity_loss: float
     routing_loss: float
@@ -110,7 +114,8 @@ def summarize(runs: Sequence[ConfigResult], oracle: Oracle, pooled: Oracle) -> R
         host_weight=k.host, disk_weight=k.disk, prefill_load_scale=k.scale, overlap_score_credit=k.credit,
         temperature=k.temperature, repeats=len(runs), gpu=mean["gpu"], cpu=mean["cpu"], ssd=mean["ssd"],
         remote=mean["remote"], recomputed=mean["recomputed"], reused=r_mean, reused_min=min(reused),
-        reused_max=max(reused), oracle=o, pooled=p, of_pooled=r_mean / p if p else 1.0, gap=o - r_mean,
+        reused_max=max(reused), oracle=o, pooled=p, of_pooled=r_mean / p if p else 1.0, available=available,
+        gap=o - r_mean,
         capacity_loss=o - available, routing_loss=available - chosen, load_shortfall=chosen - r_mean,
         prefill_imbalance=statistics.fmean(imbalance(r.recomputed_per_worker) for r in runs),
         decode_imbalance=statistics.fmean(imbalance(r.decoded_per_worker) for r in runs),
@@ -130,13 +135,13 @@ def _pct(x: float) -> str:
 def markdown_table(rows: Sequence[Row]) -> str:
     """The results table: percentages of prompt tokens, wall seconds per repeat."""
     head = ("| configuration | GPU % | CPU % | SSD % | remote % | recomputed % | reused % (min-max) "
-            "| of pooled oracle | gap to infinite pp | = capacity | + routing | + load | imbalance prefill / decode "
+            "| of pooled oracle | best worker held, of pooled | gap to infinite pp | = capacity | + routing | + load | imbalance prefill / decode "
             "| TTFT mean / p90 s | requests/worker min-max | wall s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r.config} | {_pct(r.gpu)} | {_pct(r.cpu)} | {_pct(r.ssd)} | {_pct(r.remote)} | {_pct(r.recomputed)} "
-            f"| {_pct(r.reused)} ({_pct(r.reused_min)}-{_pct(r.reused_max)}) | {r.of_pooled:.2f} | {_pct(r.gap)} "
+            f"| {_pct(r.reused)} ({_pct(r.reused_min)}-{_pct(r.reused_max)}) | {r.of_pooled:.2f} | {r.available / r.pooled if r.pooled else 1.0:.2f} | {_pct(r.gap)} "
             f"| {_pct(r.capacity_loss)} | {_pct(r.routing_loss)} | {_pct(r.load_shortfall)} "
             f"| {r.prefill_imbalance:.2f} / {r.decode_imbalance:.2f} | {r.ttft_mean_s:.2f} / {r.ttft_p90_s:.2f} | {r.min_requests_per_worker}-{r.max_requests_per_worker} | {r.wall_s:.1f} |"
         )
@@ -232,7 +237,8 @@ def write_report(out: Path, rows: Sequence[Row], first_runs: Sequence[ConfigResu
           "Percent of prompt (prefill) tokens by where they came from. Oracles: infinite (every block seen "
           f"before is reusable) {_pct(rows[0].oracle)} %; pooled capacity (one LRU of all workers' GPU + CPU + SSD "
           f"blocks, {meta['pooled_blocks']:,}, perfect routing) {_pct(rows[0].pooled)} %. `of pooled oracle` = "
-          "reused / pooled. Gap = infinite oracle - reuse (points), split into capacity (no worker held the "
+          "reused / pooled; `best worker held` = what the best-placed worker could load / pooled (what perfect "
+          "routing would reach with this topology). Gap = infinite oracle - reuse (points), split into capacity (no worker held the "
           "prefix any more), routing (another worker held more of it than the chosen one) and load (the chosen "
           "worker held it but could not load all of it). Imbalance: the busiest worker's recomputed prompt tokens / "
           "generated tokens over the mean; TTFT: simulated (waiting for the worker's prefill queue, then prefill at "
