@@ -63,7 +63,9 @@ class RouterKnobs:
     * ``scale``: ``--router-prefill-load-scale``, the weight of the prefill cost (prompt blocks left to
       compute after the credits, plus the worker's active prefill) against the decode load;
     * ``credit``: ``--router-kv-overlap-score-credit``, the credit for a block on the worker's GPU;
-    * ``temperature``: ``--router-temperature``, 0 picks the cheapest worker, more samples at random.
+    * ``temperature``: ``--router-temperature``, 0 picks the cheapest worker, more samples at random;
+    * ``track_prefill`` / ``track_decode`` (1 or 0): ``--no-router-track-prefill-tokens`` /
+      ``--no-router-track-active-blocks`` when 0, the router then ignores that side of the load.
 
     The defaults are Dynamo 1.6.1's. `KNOB_KEYS` names them in configuration strings.
     """
@@ -73,8 +75,13 @@ class RouterKnobs:
     scale: float = 1.0
     credit: float = 1.0
     temperature: float = 0.0
+    track_prefill: float = 1.0
+    track_decode: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in ("track_prefill", "track_decode"):
+            if getattr(self, name) not in (0.0, 1.0):
+                raise ValueError(f"{name} must be 1 or 0, got {getattr(self, name)}")
         for name in ("host", "disk"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -93,6 +100,10 @@ class RouterKnobs:
                            ("--router-temperature", "temperature")):
             if getattr(self, attr) != getattr(base, attr):
                 args += [flag, f"{getattr(self, attr):g}"]
+        if not self.track_prefill:
+            args.append("--no-router-track-prefill-tokens")
+        if not self.track_decode:
+            args.append("--no-router-track-active-blocks")
         return args
 
     def config(self) -> Any:
@@ -125,7 +136,8 @@ class RouterKnobs:
 
 
 #: Configuration-string keys of the knobs beyond HOST/DISK (``tier-aware@1/1:scale=2:temp=0.1``).
-KNOB_KEYS = {"host": "host", "disk": "disk", "scale": "scale", "credit": "credit", "temp": "temperature"}
+KNOB_KEYS = {"host": "host", "disk": "disk", "scale": "scale", "credit": "credit", "temp": "temperature",
+             "track_prefill": "track_prefill", "track_decode": "track_decode"}
 
 #: What our deployments ship (deploy/lib.sh passes the same to ``dynamo.frontend``; a test checks that
 #: they agree). Chosen by the router sweep of ``bench/trace_replay.py sweep``, see bench/README.md.
