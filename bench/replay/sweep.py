@@ -304,8 +304,9 @@ def plot(rows: Sequence[SweepRow], path: Path, title: str) -> None:
     axes[-1, 0].set_xticks(range(len(knobs)), knobs, rotation=45, ha="right", fontsize=8)
     axes[-1, 0].set_xlabel("router knobs (host/disk weights, then :scale= prefill load scale, :credit= GPU "
                            "overlap credit, :temp= temperature); 'blind': router told nothing of our tiers")
-    axes[0, 0].legend(fontsize=7, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.02), frameon=False)
-    axes[0, 0].set_title("\n".join(textwrap.wrap(title, 110)), fontsize=9, pad=48)
+    axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                      title="trace (set)", title_fontsize=7)
+    fig.suptitle("\n".join(textwrap.wrap(title, 100)), fontsize=9)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
