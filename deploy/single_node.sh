@@ -27,9 +27,9 @@ HELP
   cat <<'HELP'
 Frontend:
   --http-host H, --http-port P    frontend address (default 0.0.0.0:8000)
-  --router-host-cache-hit-weight W  credit for prefix blocks in a worker's CPU tier (ours: HOSTW; Dynamo's 0.75)
-  --router-disk-cache-hit-weight W  credit for prefix blocks on a worker's SSD (ours: DISKW; Dynamo's 0.25)
-  --router-prefill-load-scale S     weight of prefill work against decode load (ours: SCALEW; Dynamo's 1)
+  --router-host-cache-hit-weight W  credit for prefix blocks in a worker's CPU tier (ours: 1; Dynamo's 0.75)
+  --router-disk-cache-hit-weight W  credit for prefix blocks on a worker's SSD (ours: 1; Dynamo's 0.25)
+  --router-prefill-load-scale S     weight of prefill work against decode load (ours: 8; Dynamo's 1)
   --router-kv-overlap-score-credit C, --router-temperature T   (ours: 1 and 0, Dynamo's too)
   --frontend-arg ARG         extra frontend argument (repeatable)
 Discovery and events:

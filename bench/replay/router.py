@@ -141,7 +141,7 @@ KNOB_KEYS = {"host": "host", "disk": "disk", "scale": "scale", "credit": "credit
 
 #: What our deployments ship (deploy/lib.sh passes the same to ``dynamo.frontend``; a test checks that
 #: they agree). Chosen by the router sweep of ``bench/trace_replay.py sweep``, see bench/README.md.
-SHIPPED_KNOBS = RouterKnobs(host=1.0, disk=1.0)
+SHIPPED_KNOBS = RouterKnobs(host=1.0, disk=1.0, scale=8.0)
 
 
 @contextmanager
