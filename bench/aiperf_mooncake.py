@@ -65,6 +65,7 @@ from bench.aiperf.trace import (  # noqa: E402
     write_aiperf_trace,
 )
 from bench.aiperf.venv import AiperfVenvError, aiperf_bin, ensure_aiperf_venv  # noqa: E402
+from bench.replay.router import SHIPPED_KNOBS  # noqa: E402
 from flexkv_dynamo.local_cluster import ClusterError, LocalCluster, WorkerKind, get_json  # noqa: E402
 from flexkv_dynamo.models import KV_BYTES_PER_TOKEN, cache_root  # noqa: E402
 
@@ -230,7 +231,8 @@ class ClusterTarget(Target):
     def __init__(self, args: argparse.Namespace, config: str, model: ModelChoice, workdir: Path,
                  max_input_tokens: int | None) -> None:
         kind = WorkerKind(config)
-        self.cluster = LocalCluster(workdir)
+        # The router as our launchers run it (deploy/lib.sh), for every configuration alike.
+        self.cluster = LocalCluster(workdir, frontend_args=SHIPPED_KNOBS.frontend_args())
         self.ready_timeout_s = args.ready_timeout
         self.cluster.start_frontend()
         wargs = worker_args(args, model, max_input_tokens)

@@ -194,6 +194,12 @@ start_nats() {  # HOST PORT ADVERTISE_HOST STORE_DIR LOG
   wait_for "NATS on $adv:$port" 60 tcp_open "$adv" "$port"
 }
 
+# --- the frontend's router knobs -------------------------------------------------------------------
+# What our deployments pass to `dynamo.frontend --router-mode kv` before any --router-* option given on the
+# command line (the last one wins). Chosen with the trace-replay sweep (bench/README.md, "Router knobs we
+# ship"); tests/test_trace_replay.py checks that bench/replay/router.py's SHIPPED_KNOBS says the same.
+ROUTER_DEFAULT_ARGS=(--router-host-cache-hit-weight 1 --router-disk-cache-hit-weight 1 --router-prefill-load-scale 8)
+
 # --- the worker command ------------------------------------------------------------------------------
 # Chooses how to start a FlexKV worker: `python -m dynamo.vllm ... --connector flexkv` needs the hook
 # (`python -m flexkv_dynamo.dynamo_hook install`); `python -m flexkv_dynamo.vllm` works without it.

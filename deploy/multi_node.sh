@@ -30,7 +30,8 @@ Roles:
              listening on $NODE_IP (--listen-host H to change, 0.0.0.0 for every interface)
   frontend   the KV-routing frontend (--http-host H, default $NODE_IP; --http-port 8000;
              --migration-limit N, default $DYN_MIGRATION_LIMIT or 3, 0 = off; --router-host-cache-hit-weight W,
-             --router-disk-cache-hit-weight W, --frontend-arg ARG ...)
+             --router-disk-cache-hit-weight W, --router-prefill-load-scale S, --router-kv-overlap-score-credit C,
+             --router-temperature T: ours by default, see deploy/README.md; --frontend-arg ARG ...)
   workers    FlexKV workers on this node (options below)
 
 Environment: NODE_IP (this node), INFRA_HOST (the infra node) or ETCD_ENDPOINTS + NATS_SERVER.
@@ -58,7 +59,7 @@ HTTP_HOST=""
 HTTP_PORT=8000
 LISTEN_HOST=""
 MIGRATION_LIMIT="${DYN_MIGRATION_LIMIT:-3}"
-FRONTEND_ARGS=()
+FRONTEND_ARGS=("${ROUTER_DEFAULT_ARGS[@]}")  # ours first: options given below override them
 ETCD_PORT=2379; ETCD_PEER_PORT=2380
 NATS_PORT=4222
 WORKDIR=/tmp/flexkv_multi_node
@@ -73,7 +74,8 @@ while [ "$#" -gt 0 ]; do
     --http-port) HTTP_PORT="$2"; shift 2 ;;
     --listen-host) LISTEN_HOST="$2"; shift 2 ;;
     --migration-limit) MIGRATION_LIMIT="$2"; shift 2 ;;
-    --router-host-cache-hit-weight|--router-disk-cache-hit-weight) FRONTEND_ARGS+=("$1" "$2"); shift 2 ;;
+    --router-host-cache-hit-weight|--router-disk-cache-hit-weight|--router-prefill-load-scale|\
+    --router-kv-overlap-score-credit|--router-temperature) FRONTEND_ARGS+=("$1" "$2"); shift 2 ;;
     --frontend-arg) FRONTEND_ARGS+=("$2"); shift 2 ;;
     --etcd-port) ETCD_PORT="$2"; shift 2 ;;
     --etcd-peer-port) ETCD_PEER_PORT="$2"; shift 2 ;;

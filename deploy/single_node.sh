@@ -32,8 +32,10 @@ Frontend:
   --http-host H, --http-port P    frontend address (default 127.0.0.1:8000; 0.0.0.0 for every interface)
   --migration-limit N        times the frontend may move a request to another worker when its worker
                              dies (default $DYN_MIGRATION_LIMIT or 3; 0 turns migration off)
-  --router-host-cache-hit-weight W  credit for prefix blocks in a worker's CPU tier (Dynamo default 0.75)
-  --router-disk-cache-hit-weight W  credit for prefix blocks on a worker's SSD (Dynamo default 0.25)
+  --router-host-cache-hit-weight W  credit for prefix blocks in a worker's CPU tier (ours: 1; Dynamo's 0.75)
+  --router-disk-cache-hit-weight W  credit for prefix blocks on a worker's SSD (ours: 1; Dynamo's 0.25)
+  --router-prefill-load-scale S     weight of prefill work against decode load (ours: 8; Dynamo's 1)
+  --router-kv-overlap-score-credit C, --router-temperature T   (ours: 1 and 0, Dynamo's too)
   --frontend-arg ARG         extra frontend argument (repeatable)
 Discovery and events:
   --with-etcd                start etcd here (--etcd-port, default 2379; --etcd-peer-port, default 2380)
@@ -50,7 +52,7 @@ worker_defaults
 HTTP_HOST="127.0.0.1"
 HTTP_PORT=8000
 MIGRATION_LIMIT="${DYN_MIGRATION_LIMIT:-3}"
-FRONTEND_ARGS=()
+FRONTEND_ARGS=("${ROUTER_DEFAULT_ARGS[@]}")  # ours first: options given below override them
 WITH_ETCD=0; ETCD_PORT=2379; ETCD_PEER_PORT=2380
 WITH_NATS=0; NATS_PORT=4222
 WORKDIR=/tmp/flexkv_single_node
@@ -62,7 +64,8 @@ while [ "$#" -gt 0 ]; do
     --http-host) HTTP_HOST="$2"; shift 2 ;;
     --http-port) HTTP_PORT="$2"; shift 2 ;;
     --migration-limit) MIGRATION_LIMIT="$2"; shift 2 ;;
-    --router-host-cache-hit-weight|--router-disk-cache-hit-weight) FRONTEND_ARGS+=("$1" "$2"); shift 2 ;;
+    --router-host-cache-hit-weight|--router-disk-cache-hit-weight|--router-prefill-load-scale|\
+    --router-kv-overlap-score-credit|--router-temperature) FRONTEND_ARGS+=("$1" "$2"); shift 2 ;;
     --frontend-arg) FRONTEND_ARGS+=("$2"); shift 2 ;;
     --with-etcd) WITH_ETCD=1; shift ;;
     --etcd-port) ETCD_PORT="$2"; shift 2 ;;

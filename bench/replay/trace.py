@@ -46,23 +46,26 @@ class TraceRequest:
     hash_ids: tuple[int, ...]
 
 
-def load_trace(path: str | Path, *, every: int = 1, limit: int | None = None,
+def load_trace(path: str | Path, *, every: int = 1, limit: int | None = None, offset: int = 0,
                block_tokens: int = MOONCAKE_BLOCK_TOKENS) -> list[TraceRequest]:
-    """Requests of a Mooncake trace in arrival order: every ``every``-th line (0, k, 2k, ...), then at most
-    ``limit`` of them. Keeping every 6th request is the published way to thin the conversation trace.
+    """Requests of a Mooncake trace in arrival order: every ``every``-th line from ``offset`` (offset,
+    offset + k, ...), then at most ``limit`` of them. Keeping every 6th request is the published way to
+    thin the conversation trace; other offsets give disjoint samples of it.
 
     Raises ValueError naming the file and line for a malformed record (missing key, hash_ids that do not
     cover ``input_length`` in blocks of ``block_tokens``, an id too large for the synthetic tokens).
     """
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
+    if not 0 <= offset < every:
+        raise ValueError(f"offset must be in 0..every-1 ({every - 1}), got {offset}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     max_id = PROBE_TOKEN_BASE // block_tokens - 1
     requests: list[TraceRequest] = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f):
-            if line_no % every or not line.strip():
+            if line_no % every != offset or not line.strip():
                 continue
             where = f"{path}:{line_no + 1}"
             try:
@@ -83,7 +86,7 @@ def load_trace(path: str | Path, *, every: int = 1, limit: int | None = None,
             if limit is not None and len(requests) >= limit:
                 break
     requests.sort(key=lambda r: r.timestamp_ms)  # stable: equal timestamps keep file order
-    log.info("loaded %d requests from %s (every %d, limit %s)", len(requests), path, every, limit)
+    log.info("loaded %d requests from %s (every %d from %d, limit %s)", len(requests), path, every, offset, limit)
     return requests
 
 

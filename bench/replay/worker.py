@@ -1,22 +1,28 @@
-"""A simulated worker: vLLM's GPU prefix cache (LRU over full blocks) plus our real tiers, no model.
+"""Simulated workers: vLLM's GPU prefix cache (LRU over full blocks) per worker, and our real tiers per node.
 
 What it keeps real: the KV events. The GPU part emits the ``BlockStored`` / ``BlockRemoved`` (medium
 ``GPU``) that vLLM's block pool emits when blocks become cached or are evicted; the CPU / SSD part is a
 real `flexkv_core.TieredCache` (lookups, loads that stage SSD blocks into CPU slots, stores, write-back
-to real files, eviction) whose own events are mapped for the router in one of three styles
-(`EventStyle`). What it leaves out: the bytes. The cache runs with a one-byte-per-token layout, so a
-block is one 4 KiB slot and a replay of thousands of requests moves a few hundred MiB at most.
+to real files, eviction, fetches from other nodes) whose own events are mapped for the router in one of
+three styles (`EventStyle`). What it leaves out: the bytes. The cache runs with a one-byte-per-token
+layout, so a block is one 4 KiB slot and a replay of thousands of requests moves a few hundred MiB at most.
+
+Tiers belong to a `NodeTiers`: one per worker (private tiers), or one per node shared by its workers
+(``shared-node``: one CPU pool and one SSD store of the node's summed capacity, and every worker of the
+node announces their blocks as its own host / disk tier). With ``remote``, a node fetches from the others
+what they hold past its own prefix (`replay.peers`, as the Redis + Mooncake path does): the fetched
+blocks land in its CPU tier and are announced from there.
 
 Serving one prompt (its full blocks named by chained hashes; vLLM never reuses the block holding the
 prompt's last token):
 
-1. the leading blocks the GPU cache holds are served from GPU;
-2. from there, the leading blocks our tiers hold are loaded (``lookup`` -> ``prepare_load`` -> ready ->
-   ``finish_load``), each counted as a CPU hit or an SSD hit by where it was when the load began;
+1. the leading blocks the worker's GPU cache holds are served from GPU;
+2. from there, the leading blocks its node's tiers hold are loaded (``lookup`` -> ``prepare_load`` ->
+   ready -> ``finish_load``), each counted as a CPU, SSD or remote hit by where it was when the load began;
 3. the rest is recomputed;
 4. every full block of the prompt becomes cached on the GPU (LRU eviction makes room) and is stored
-   into our tiers (``reserve_store`` / ``complete_store``; blocks held already are skipped), and SSD
-   write-back is awaited so that every event of this request is out before the next request is routed.
+   into the node's tiers (``reserve_store`` / ``complete_store``; blocks held already are skipped), and
+   SSD write-back is awaited so that every event of this request is out before the next request is routed.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from flexkv_core.events import BlockRemoved as CoreRemoved
 from flexkv_core.events import BlockStored as CoreStored
 from flexkv_core.events import CacheEvent
 from flexkv_core.layout import CacheIdentity, KVLayout, Tier
+from flexkv_core.remote import RemoteSource
 from flexkv_dynamo.kv_events import MEDIUM_GPU, to_vllm_events
 
 from .trace import MOONCAKE_BLOCK_TOKENS, reusable_blocks
@@ -76,16 +83,17 @@ class Capacity:
 
 @dataclass(frozen=True)
 class Served:
-    """Where one prompt's prefill tokens came from."""
+    """Where one prompt's prefill tokens came from (``remote``: fetched from another node's tiers)."""
 
     prompt_tokens: int
     gpu_tokens: int
     cpu_tokens: int
     ssd_tokens: int
+    remote_tokens: int = 0
 
     @property
     def recomputed_tokens(self) -> int:
-        return self.prompt_tokens - self.gpu_tokens - self.cpu_tokens - self.ssd_tokens
+        return self.prompt_tokens - self.gpu_tokens - self.cpu_tokens - self.ssd_tokens - self.remote_tokens
 
 
 class GpuPrefixCache:
@@ -107,6 +115,10 @@ class GpuPrefixCache:
 
     def __contains__(self, block_hash: int) -> bool:
         return block_hash in self._lru
+
+    def blocks(self) -> list[int]:
+        """The cached blocks, least recently used first."""
+        return list(self._lru)
 
     def match(self, hashes: Sequence[int]) -> int:
         """How many leading blocks of ``hashes`` are cached."""
@@ -204,110 +216,173 @@ def tiny_identity(block_size: int = MOONCAKE_BLOCK_TOKENS) -> CacheIdentity:
     return CacheIdentity(model="trace-replay", layout=layout)
 
 
-def tier_config(capacity: Capacity, ssd_dir: Path, identity: CacheIdentity) -> FlexKVConfig:
-    """The FlexKVConfig of a worker's tiers: capacities given in blocks, converted to the GiB it takes."""
+def tier_config(cpu_blocks: int, ssd_blocks: int, ssd_dir: Path, identity: CacheIdentity) -> FlexKVConfig:
+    """The FlexKVConfig of one node's tiers: capacities given in blocks, converted to the GiB it takes."""
     slot = identity.layout.slot_bytes
     return FlexKVConfig(
-        cpu_cache_gb=capacity.cpu_blocks * slot / GiB,
-        ssd_cache_gb=capacity.ssd_blocks * slot / GiB,
+        cpu_cache_gb=cpu_blocks * slot / GiB,
+        ssd_cache_gb=ssd_blocks * slot / GiB,
         ssd_cache_dir=(str(ssd_dir),),
         ssd_io_threads=2,
         enable_metrics=False,  # no Prometheus series for throwaway caches; snapshot() still counts
     )
 
 
-class SimWorker:
-    """One worker: a `GpuPrefixCache`, and a real `TieredCache` unless ``style`` is `EventStyle.NONE`."""
+#: Bits of `NodeTiers.held`: what a node advertises to the others (the distributed registry's view).
+HELD_BITS = {Tier.CPU: 1, Tier.SSD: 2}
 
-    def __init__(self, index: int, capacity: Capacity, style: EventStyle, workdir: Path,
-                 block_size: int = MOONCAKE_BLOCK_TOKENS) -> None:
+
+class NodeTiers:
+    """Our tiers on one node: a real `TieredCache` that the node's ``workers`` (indices) all read and
+    all announce, of ``len(workers)`` times the per-worker CPU and SSD capacity."""
+
+    def __init__(self, index: int, workers: Sequence[int], capacity: Capacity, workdir: Path,
+                 block_size: int = MOONCAKE_BLOCK_TOKENS, remote: RemoteSource | None = None) -> None:
+        if capacity.cpu_blocks < 1:
+            raise ValueError("our tiers need cpu_blocks >= 1")
         self.index = index
-        self.style = style
+        self.workers = list(workers)
         self.block_size = block_size
-        self.gpu = GpuPrefixCache(capacity.gpu_blocks)
         self.load_errors = 0  # loads our cache refused with an exception (counted, served by recomputation)
-        self.cache: TieredCache | None = None
-        if style is not EventStyle.NONE:
-            if capacity.cpu_blocks < 1:
-                raise ValueError(f"event style {style.value} needs tiers: cpu_blocks must be >= 1")
-            ssd_dir = Path(workdir) / f"worker{index}-ssd"
-            ssd_dir.mkdir(parents=True, exist_ok=True)
-            identity = tiny_identity(block_size)
-            self.cache = TieredCache(tier_config(capacity, ssd_dir, identity), identity)
+        # What this node holds in CPU or SSD, hash -> HELD_BITS, kept from its own events as a node's
+        # registry entry is: the other nodes' `replay.peers` look blocks up here.
+        self.held: dict[int, int] = {}
+        ssd_dir = Path(workdir) / f"node{index}-ssd"
+        ssd_dir.mkdir(parents=True, exist_ok=True)
+        identity = tiny_identity(block_size)
+        n = len(self.workers)
+        self.cache = TieredCache(tier_config(capacity.cpu_blocks * n, capacity.ssd_blocks * n, ssd_dir, identity),
+                                 identity, remote=remote)
+        self.cache.events.add_listener(self._on_event)
 
-    def serve(self, tokens: np.ndarray, hashes: Sequence[int]) -> tuple[Served, list[Any]]:
-        """Serve one prompt (``hashes`` name its full blocks); returns where its tokens came from and the
-        KV events this worker publishes for it, in order."""
-        bs = self.block_size
-        reusable = min(len(hashes), reusable_blocks(len(tokens), bs))
-        gpu_hit = self.gpu.match(hashes[:reusable])
-        cpu_hit = ssd_hit = 0
-        if self.cache is not None and gpu_hit < reusable:
-            cpu_hit, ssd_hit = self._load(hashes[gpu_hit:reusable])
+    def _on_event(self, event: CacheEvent) -> None:  # under the cache's lock: only bookkeeping
+        bit = HELD_BITS.get(getattr(event, "tier", None))
+        if bit is None:
+            return
+        if isinstance(event, CoreStored):
+            for h in event.block_hashes:
+                self.held[h] = self.held.get(h, 0) | bit
+        elif isinstance(event, CoreRemoved):
+            for h in event.block_hashes:
+                left = self.held.get(h, 0) & ~bit
+                if left:
+                    self.held[h] = left
+                else:
+                    self.held.pop(h, None)
 
-        new, evicted = self.gpu.store(hashes)
-        events = gpu_events(hashes, tokens, new, evicted, bs)
-        if self.cache is not None:
-            plan = self.cache.reserve_store(hashes, None, tokens[:len(hashes) * bs])
-            if plan is not None:
-                self.cache.complete_store(plan, ok=True)  # the bytes do not matter here: nothing to copy
-            if not self.cache.flush(timeout=LOAD_TIMEOUT_S):
-                raise TimeoutError(f"worker {self.index}: SSD write-back still running after {LOAD_TIMEOUT_S}s")
-            ours = self.cache.take_events()
-            if self.style is EventStyle.TIER_AWARE:
-                events += to_vllm_events(ours, block_size=bs)
-            else:
-                events += upstream_events(ours, bs)
-        served = Served(len(tokens), gpu_hit * bs, cpu_hit * bs, ssd_hit * bs)
-        return served, events
+    def lookup(self, hashes: Sequence[int]) -> int:
+        """Leading blocks of ``hashes`` this node can deliver (from other nodes too, if remote). Changes nothing."""
+        return self.cache.lookup(hashes).total if hashes else 0
 
-    def reusable_here(self, num_tokens: int, hashes: Sequence[int]) -> int:
-        """Leading blocks of a prompt this worker could serve from any tier now (changes nothing)."""
-        reusable = min(len(hashes), reusable_blocks(num_tokens, self.block_size))
-        hit = self.gpu.match(hashes[:reusable])
-        if self.cache is not None and hit < reusable:
-            hit += self.cache.lookup(hashes[hit:reusable]).total
-        return hit
-
-    def _load(self, hashes: Sequence[int]) -> tuple[int, int]:
-        """Load the leading blocks our tiers hold; returns (blocks that were in CPU, blocks read from SSD)."""
-        assert self.cache is not None
-        found = self.cache.lookup(hashes).total
+    def load(self, hashes: Sequence[int], worker: int) -> tuple[int, int, int]:
+        """Load the leading blocks our tiers (and, if remote, other nodes) hold; returns how many were in
+        CPU, read from SSD, and fetched from another node."""
+        found = self.lookup(hashes)
         if not found:
-            return 0, 0
+            return 0, 0, 0
         before = self.cache.metrics.snapshot()["hit_blocks"]
         try:
-            plan = self.cache.prepare_load(hashes[:found], use_remote=False)
+            plan = self.cache.prepare_load(hashes[:found])
         except (ValueError, RuntimeError) as exc:
             # A bug of the cache, not of the replay (seen: making room to stage SSD blocks evicted another
             # SSD block of the same chain). A real worker would fail the request; here it is recomputed
             # and counted, so that one bad load does not end a long replay.
             self.load_errors += 1
-            log.warning("worker %d: prepare_load of %d blocks failed (%s: %s); recomputing", self.index, found,
-                        type(exc).__name__, exc)
-            return 0, 0
+            log.warning("node %d (worker %d): prepare_load of %d blocks failed (%s: %s); recomputing", self.index,
+                        worker, found, type(exc).__name__, exc)
+            return 0, 0, 0
         try:
             usable = plan.ready.result(timeout=LOAD_TIMEOUT_S)
         finally:
             self.cache.finish_load(plan)
         after = self.cache.metrics.snapshot()["hit_blocks"]
-        cpu = after[Tier.CPU.value] - before[Tier.CPU.value]
-        ssd = after[Tier.SSD.value] - before[Tier.SSD.value]
-        if usable < cpu + ssd:  # a failed SSD read: the blocks past it are recomputed
-            log.warning("worker %d: %d of %d blocks loaded", self.index, usable, cpu + ssd)
-            cpu = min(cpu, usable)
-            ssd = usable - cpu
-        return cpu, ssd
+        got = [after.get(t.value, 0) - before.get(t.value, 0) for t in (Tier.CPU, Tier.SSD, Tier.REMOTE)]
+        if usable < sum(got):  # a failed read or fetch: the blocks past it are recomputed
+            log.warning("node %d (worker %d): %d of %d blocks loaded", self.index, worker, usable, sum(got))
+            left = usable
+            for i, n in enumerate(got):
+                got[i] = min(n, left)
+                left -= got[i]
+        return got[0], got[1], got[2]
+
+    def store(self, hashes: Sequence[int], tokens: np.ndarray) -> None:
+        """Store the prompt's full blocks (those not held already) and wait for SSD write-back."""
+        plan = self.cache.reserve_store(hashes, None, tokens[:len(hashes) * self.block_size])
+        if plan is not None:
+            self.cache.complete_store(plan, ok=True)  # the bytes do not matter here: nothing to copy
+        self.flush()
+
+    def flush(self) -> None:
+        if not self.cache.flush(timeout=LOAD_TIMEOUT_S):
+            raise TimeoutError(f"node {self.index}: SSD write-back still running after {LOAD_TIMEOUT_S}s")
+
+    def take_events(self) -> list[CacheEvent]:
+        return self.cache.take_events()
+
+    def holdings(self) -> dict[Tier, set[int]]:
+        """The blocks each tier holds ready now, from the cache's index (for checks, not the hot path)."""
+        self.flush()  # no write-back in flight: the index does not change while we read it
+        blocks = list(self.cache.index.blocks())
+        return {t: {b.hash for b in blocks if b.ready(t)} for t in (Tier.CPU, Tier.SSD)}
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"gpu_blocks": len(self.gpu), "load_errors": self.load_errors}
-        if self.cache is not None:
-            tiers = self.cache.stats()["tiers"]
-            out.update(cpu_blocks=tiers["cpu"]["ready_blocks"], ssd_blocks=tiers["ssd"]["ready_blocks"])
-        return out
+        tiers = self.cache.stats()["tiers"]
+        return {"cpu_blocks": tiers["cpu"]["ready_blocks"], "ssd_blocks": tiers["ssd"]["ready_blocks"],
+                "load_errors": self.load_errors}
 
     def close(self) -> None:
-        if self.cache is not None:
-            self.cache.close()
-            self.cache = None
+        self.cache.events.remove_listener(self._on_event)
+        self.cache.close()
 
+
+def map_events(events: Sequence[CacheEvent], style: EventStyle, block_size: int) -> list[Any]:
+    """Our tiers' events as a worker announces them in ``style``."""
+    if style is EventStyle.TIER_AWARE:
+        return to_vllm_events(events, block_size=block_size)
+    if style is EventStyle.UPSTREAM:
+        return upstream_events(events, block_size)
+    return []
+
+
+class SimWorker:
+    """One worker: its own `GpuPrefixCache`, and the `NodeTiers` it reads (None: GPU only)."""
+
+    def __init__(self, index: int, gpu_blocks: int, tiers: NodeTiers | None,
+                 block_size: int = MOONCAKE_BLOCK_TOKENS) -> None:
+        self.index = index
+        self.block_size = block_size
+        self.gpu = GpuPrefixCache(gpu_blocks)
+        self.tiers = tiers
+
+    def serve(self, tokens: np.ndarray, hashes: Sequence[int]) -> tuple[Served, list[Any]]:
+        """Serve one prompt (``hashes`` name its full blocks); returns where its tokens came from and this
+        worker's GPU events for it, in order. Our tiers' events are the node's (`NodeTiers.take_events`)."""
+        bs = self.block_size
+        reusable = min(len(hashes), reusable_blocks(len(tokens), bs))
+        gpu_hit = self.gpu.match(hashes[:reusable])
+        cpu = ssd = remote = 0
+        if self.tiers is not None and gpu_hit < reusable:
+            cpu, ssd, remote = self.tiers.load(hashes[gpu_hit:reusable], self.index)
+        new, evicted = self.gpu.store(hashes)
+        events = gpu_events(hashes, tokens, new, evicted, bs)
+        if self.tiers is not None:
+            self.tiers.store(hashes, tokens)
+        return Served(len(tokens), gpu_hit * bs, cpu * bs, ssd * bs, remote * bs), events
+
+    def reusable_here(self, num_tokens: int, hashes: Sequence[int]) -> int:
+        """Leading blocks of a prompt this worker could serve from any tier now (changes nothing)."""
+        reusable = min(len(hashes), reusable_blocks(num_tokens, self.block_size))
+        hit = self.gpu.match(hashes[:reusable])
+        if self.tiers is not None and hit < reusable:
+            hit += self.tiers.lookup(hashes[hit:reusable])
+        return hit
+
+    def held_prefix(self, hashes: Sequence[int]) -> tuple[int, int]:
+        """(leading blocks on the GPU, leading blocks on the GPU or in our node's own CPU / SSD): what the
+        router should credit this worker with (other nodes' blocks are never announced as ours)."""
+        gpu = self.gpu.match(hashes)
+        total = gpu
+        if self.tiers is not None and gpu < len(hashes):
+            found = self.tiers.cache.lookup(hashes[gpu:])
+            total += found.total - found.remote  # other nodes' blocks are not ours
+        return gpu, total
