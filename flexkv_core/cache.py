@@ -30,7 +30,7 @@ import xxhash
 
 from .allocator import SlotAllocator
 from .config import FlexKVConfig
-from .events import BlockRemoved, CacheCleared, CacheEvent, EventLog
+from .events import BlockRemoved, BlockStored, CacheCleared, CacheEvent, EventLog
 from .hashing import tokens_to_bytes
 from .index import Block, LookupResult, PrefixIndex, parents_first
 from .layout import CacheIdentity, Tier
@@ -53,6 +53,8 @@ class StorePlan:
     block_hashes: list[int]
     slots: list[int]
     positions: list[int]  # index of each block in the chain given to reserve_store
+    covered: int = 0  # leading blocks of that chain the CPU tier now holds or has reserved
+    pool: str = ""  # the CPU pool the slots belong to
 
 
 @dataclass
@@ -63,6 +65,8 @@ class LoadPlan:
     block_hashes: list[int]
     slots: list[int]
     ready: Future = field(default_factory=Future)
+    tier_hits: dict[Tier, int] = field(default_factory=dict)  # blocks of this plan served by each tier
+    pool: str = ""  # the CPU pool the slots belong to
     _pinned: list[int] = field(default_factory=list, repr=False)  # hashes whose CPU copy this plan pins
     _scratch: list[int] = field(default_factory=list, repr=False)  # CPU slots of fetched blocks not indexed
     _parts: int = field(default=0, repr=False)  # asynchronous parts (SSD staging, remote fetch) running
@@ -157,20 +161,25 @@ class TieredCache:
                     wanted.append((i, h, prev))
                 prev = h
             if not wanted:
-                return None
+                return StorePlan(0, [], [], [], covered=len(block_hashes), pool=self.pool_name)
             slots = self._allocate(Tier.CPU, len(wanted))
+            # No holes: the chain is covered up to the first block that got no slot.
+            covered = wanted[len(slots)][0] if len(slots) < len(wanted) else len(block_hashes)
             if not slots:
-                return None
+                return StorePlan(0, [], [], [], covered=covered, pool=self.pool_name)
             wanted = wanted[:len(slots)]
             for (i, h, parent), slot in zip(wanted, slots):
                 self.index.begin_fill(Tier.CPU, h, slot, parent=parent,
                                       tokens=tokens_to_bytes(token_ids[i * bs:(i + 1) * bs]))
-            plan = StorePlan(next(self._jobs), [h for _, h, _ in wanted], slots, [i for i, _, _ in wanted])
+            plan = StorePlan(next(self._jobs), [h for _, h, _ in wanted], slots, [i for i, _, _ in wanted],
+                             covered=covered, pool=self.pool_name)
             self._stores[plan.job_id] = plan
             return plan
 
     def complete_store(self, plan: StorePlan, ok: bool = True) -> None:
         """The engine finished copying ``plan`` (``ok``) or gave up: publish or roll back."""
+        if not plan.block_hashes:
+            return  # nothing was reserved
         with self._lock:
             if self._stores.pop(plan.job_id, None) is None:
                 raise ValueError(f"store job {plan.job_id} is not pending")
@@ -189,7 +198,7 @@ class TieredCache:
         """Pin a loadable prefix. SSD-only blocks are read into fresh CPU slots, and blocks only peers hold
         are fetched into fresh CPU slots, both in the background; ``ready`` resolves when all arrived."""
         with self._lock:
-            plan = LoadPlan(next(self._jobs), [], [])
+            plan = LoadPlan(next(self._jobs), [], [], pool=self.pool_name)
             chain: list[Block] = []
             for h in block_hashes:
                 b = self.index.get(h)
@@ -241,9 +250,10 @@ class TieredCache:
                 fetch = rest[:len(plan._scratch)]
             plan.block_hashes = [b.hash for b in chain] + fetch
             plan.slots = [b.slot_in(Tier.CPU) for b in chain] + list(plan._scratch)
-            self.metrics.hit(Tier.CPU, len(chain) - len(missing) - len(joined))
-            self.metrics.hit(Tier.SSD, len(missing) + len(joined))
-            self.metrics.hit(Tier.REMOTE, len(fetch))
+            plan.tier_hits = {Tier.CPU: len(chain) - len(missing) - len(joined), Tier.SSD: len(missing) + len(joined),
+                              Tier.REMOTE: len(fetch)}
+            for tier, n in plan.tier_hits.items():
+                self.metrics.hit(tier, n)
             plan._parts = bool(missing) + bool(fetch) + len(joined)
             if not plan._parts:
                 plan.ready.set_result(len(chain))
@@ -317,6 +327,11 @@ class TieredCache:
         worker): the queued events are history that this snapshot already contains."""
         with self._lock:
             self.events.drain()
+            return self.snapshot_events()
+
+    def snapshot_events(self) -> list[BlockStored]:
+        """A Stored for everything each tier holds now, parents first (queued events stay queued)."""
+        with self._lock:
             return [*self.index.stored_events(Tier.CPU), *self.index.stored_events(Tier.SSD)]
 
     def subscribe(self, listener: Callable[[CacheEvent], None]) -> dict[int, set[Tier]]:

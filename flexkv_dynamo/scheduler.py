@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 from flexkv_core.cache import LoadPlan, StorePlan, TieredCache
 from flexkv_core.config import FlexKVConfig, configure_logging
-from flexkv_core.layout import CacheIdentity, KVLayout
+from flexkv_core.layout import CacheIdentity, KVLayout, Tier
+from flexkv_core.shared import SharedCache
 
 from .kv_events import check_int_block_hashes, engine_hash_to_int, tier_events_enabled, to_vllm_events
 from .metadata import FlexKVConnectorMetadata, FlexKVWorkerMetadata, LoadJob, PoolInfo, StoreJob
@@ -189,8 +190,17 @@ class FlexKVScheduler:
         events_config = getattr(vllm_config, "kv_events_config", None)
         if self._events_enabled and events_config is not None and events_config.enable_kv_cache_events:
             check_int_block_hashes()  # bytes hashes: neither vLLM's nor our events would reach the router
-        self.cache = TieredCache(config, self.identity)
-        self.pool_info = PoolInfo(self.cache.pool_name, self.cache.pool.num_slots, layout.slot_bytes, layout)
+        self.layout = layout
+        self.cache: TieredCache | SharedCache
+        if config.share_server:
+            # The node's shared tiers, held by a `flexkv serve` owner (flexkv_core.shared).
+            if config.enable_distributed:
+                raise NotImplementedError("FLEXKV_ENABLE_DISTRIBUTED with FLEXKV_SHARE_SERVER=1 is not supported "
+                                          "yet: a shared cache serves the engines of one node")
+            self.cache = SharedCache(config, self.identity)
+            start_service = False  # the owner serves FLEXKV_SERVER_RECV_PORT
+        else:
+            self.cache = TieredCache(config, self.identity)
         self._requests: dict[str, _Request] = {}
         self._waiting_loads: dict[str, _Load] = {}  # req id -> load not yet sent (staging or cancelled)
         self._loads: dict[int, _Load] = {}  # job id -> load sent to the workers
@@ -213,9 +223,23 @@ class FlexKVScheduler:
             self.cache.close()
             raise
         with _LIVE_LOCK:
-            _LIVE[self.cache.pool_name] = self
+            _LIVE[self._live_key] = self
         log.info("FlexKV connector (scheduler side) ready: %s, pool %s, service %s", self.identity.describe(),
-                 self.cache.pool_name, self.service.endpoint if self.service else "off")
+                 self.cache.pool_name, self.service.endpoint if self.service else
+                 f"shared at {config.server_recv_port}" if config.share_server else "off")
+
+    @property
+    def _live_key(self) -> str:
+        return f"{id(self):x}"
+
+    @property
+    def pool_info(self) -> PoolInfo | None:
+        """The CPU pool the workers copy to and from (None while a shared cache's owner is away)."""
+        name = self.cache.pool_name
+        if name is None:
+            return None
+        pool = self.cache.pool
+        return PoolInfo(name, pool.num_slots, self.layout.slot_bytes, self.layout)
 
     # ---- the service (attach, status) ----------------------------------------------------------------
 
@@ -297,11 +321,9 @@ class FlexKVScheduler:
         if len(engine_blocks) != n:
             raise RuntimeError(f"request {request.request_id}: {n} blocks to load from block {start}, but vLLM "
                                f"allocated {len(engine_blocks)} there")
-        hits_before = self.cache.metrics.snapshot()["hit_blocks"]
         plan = self.cache.prepare_load(st.hashes_upto(start + n)[start:])
-        hits_after = self.cache.metrics.snapshot()["hit_blocks"]
-        for tier in ("cpu", "ssd"):
-            self._stats.add(f"hit_tokens_{tier}", (hits_after[tier] - hits_before[tier]) * self.block_size)
+        for tier in (Tier.CPU, Tier.SSD):
+            self._stats.add(f"hit_tokens_{tier.value}", plan.tier_hits.get(tier, 0) * self.block_size)
         k = len(plan.block_hashes)
         if k < n:
             log.info("request %s: %d of %d blocks vanished between lookup and load; vLLM recomputes them",
@@ -309,11 +331,12 @@ class FlexKVScheduler:
         self._waiting_loads[request.request_id] = _Load(request.request_id, plan, engine_blocks[:k],
                                                         engine_blocks[k:])
 
-    def _ready_loads(self) -> list[LoadJob]:
-        """Load jobs for every waiting load whose bytes are in CPU slots now (or that was cancelled)."""
+    def _ready_loads(self, pool: str | None) -> list[LoadJob]:
+        """Load jobs for every waiting load whose bytes are in CPU slots now (or that was cancelled).
+        A load planned against another pool than ``pool`` (a shared cache's owner restarted) is a miss."""
         jobs = []
         for req_id, load in list(self._waiting_loads.items()):
-            if load.cancelled:
+            if load.cancelled or load.plan.pool != pool:
                 usable = 0
             elif load.plan.ready.done():
                 try:
@@ -335,7 +358,7 @@ class FlexKVScheduler:
 
     # ---- stores --------------------------------------------------------------------------------------
 
-    def _store_jobs(self, scheduler_output: SchedulerOutput) -> list[StoreJob]:
+    def _store_jobs(self, scheduler_output: SchedulerOutput, pool: str | None) -> list[StoreJob]:
         computed: dict[str, int] = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
         cached = scheduler_output.scheduled_cached_reqs
         computed.update(zip(cached.req_ids, cached.num_computed_tokens))
@@ -356,9 +379,13 @@ class FlexKVScheduler:
             hashes = st.hashes_upto(full)
             plan = self.cache.reserve_store(hashes[start:full], hashes[start - 1] if start else None,
                                             request.all_token_ids[start * bs:full * bs])
-            st.stored_upto = full
-            if plan is None:
+            # No holes: a block that got no slot stops the chain here; it is offered again next step.
+            st.stored_upto = start + plan.covered
+            if not plan.block_hashes:
                 continue  # held already, or no room
+            if plan.pool != pool:  # a shared cache's owner changed under us: these slots are not the pool's
+                self.cache.complete_store(plan, ok=False)
+                continue
             block_ids = None
             if block_state is not None:
                 block_ids = block_state.get_block_ids(req_id)
@@ -379,8 +406,10 @@ class FlexKVScheduler:
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> FlexKVConnectorMetadata:
         if not scheduler_output.total_num_scheduled_tokens:
             self._idle_wait_for_staging()
-        meta = FlexKVConnectorMetadata(pool=self.pool_info, loads=self._ready_loads(),
-                                       stores=self._store_jobs(scheduler_output))
+        pool = self.pool_info  # read once: a shared cache's pool can change between two reads
+        name = pool.name if pool is not None else None
+        meta = FlexKVConnectorMetadata(pool=pool, loads=self._ready_loads(name),
+                                       stores=self._store_jobs(scheduler_output, name) if pool is not None else [])
         for req_id in scheduler_output.finished_req_ids or ():
             self._requests.pop(req_id, None)
         return meta
@@ -416,7 +445,7 @@ class FlexKVScheduler:
                 del self._loads[job_id]
                 self.cache.finish_load(job.plan)
                 if not job.failed and job.block_ids:
-                    self.cache.metrics.moved("cpu_to_engine", len(job.block_ids) * self.pool_info.slot_bytes)
+                    self.cache.metrics.moved("cpu_to_engine", len(job.block_ids) * self.layout.slot_bytes)
 
     def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
         """Nothing of ours holds engine blocks past this point (stores finish within their step), so
@@ -470,8 +499,8 @@ class FlexKVScheduler:
 
     def shutdown(self) -> None:
         with _LIVE_LOCK:
-            if _LIVE.get(self.cache.pool_name) is self:
-                del _LIVE[self.cache.pool_name]
+            if _LIVE.get(self._live_key) is self:
+                del _LIVE[self._live_key]
         if self.service is not None:
             self.service.stop()
             self.service = None

@@ -140,14 +140,12 @@ class FlexKVWorker:
     # ---- loads -------------------------------------------------------------------------------------
 
     def start_loads(self, meta: FlexKVConnectorMetadata) -> None:
-        if not meta.loads:
-            return
-        copier = self._ensure_copier(meta.pool)
         for job in meta.loads:
-            copy, nbytes = None, len(job.block_ids) * meta.pool.layout.rank_bytes
-            if job.block_ids:
+            copy, nbytes = None, 0
+            if job.block_ids:  # a job with nothing to copy (a miss, an abort) needs no pool
                 try:
-                    copy = copier.from_pool(job.slots, job.block_ids)
+                    nbytes = len(job.block_ids) * meta.pool.layout.rank_bytes
+                    copy = self._ensure_copier(meta.pool).from_pool(job.slots, job.block_ids)
                 except Exception:  # noqa: BLE001 - a failed copy is a load error, never a crash or hang
                     log.exception("FlexKV load job %d (request %s) could not start", job.job_id, job.req_id)
                     self._end_load(_RunningLoad(job, None, time.perf_counter(), 0), ok=False)
