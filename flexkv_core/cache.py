@@ -143,7 +143,7 @@ class TieredCache:
                 guard = index.find([parent_hash])
                 if guard[0] < 0 or not self._held(guard)[0]:
                     # The parent is in none of our tiers: blocks chained onto it could never be loaded.
-                    return StorePlan(next(self._jobs), [], [], [], covered=0)
+                    return StorePlan(next(self._jobs), [], [], [], covered=0, pool=self.pool_name)
             rows = index.find(keys)
             held = rows >= 0
             held[held] = index.state(Tier.CPU, rows[held]) != ABSENT  # in, or on its way to, the CPU tier
@@ -171,7 +171,8 @@ class TieredCache:
                 self.placement.fill_cpu(slots, tokens[want])
             if keep.size:
                 index.unpin(Tier.CPU, keep)
-            plan = StorePlan(next(self._jobs), keys[want].tolist(), slots.tolist(), want.tolist(), covered, new)
+            plan = StorePlan(next(self._jobs), keys[want].tolist(), slots.tolist(), want.tolist(), covered=covered,
+                             pool=self.pool_name, _rows=new)
             if want.size:
                 self._stores[plan.job_id] = plan
             self._publish_usage()
@@ -236,7 +237,7 @@ class TieredCache:
 
     def _plan_load(self, block_hashes: Sequence[int], use_remote: bool, lend: bool) -> tuple:
         index, io = self.index, self.io
-        plan = LoadPlan(next(self._jobs), [], [], _lent=lend)
+        plan = LoadPlan(next(self._jobs), [], [], pool=self.pool_name, _lent=lend)
         rows = index.find(block_hashes, prefix=True)
         cpu = index.state(Tier.CPU, rows)
         # Loadable: READY in CPU, being staged into CPU by another load (we join it), or READY on SSD with no
@@ -369,6 +370,18 @@ class TieredCache:
         with self.lock:
             self.tier_events.start_reannounce()
         return self.take_events()
+
+    def snapshot_events(self) -> list[CacheEvent]:
+        """A Stored for everything each tier holds now, parents first, in one hold of the lock (queued events
+        stay queued; a re-announcement in progress goes on untouched). For a shared cache's owner, whose engines
+        each start their own view from a snapshot."""
+        scratch = TierEvents(EventLog(), self.block_size)
+        scratch.bind(self.index, self.placement.tokens, self._ssd_tokens)
+        with self.lock:
+            scratch.start_reannounce()
+            while not scratch.advance(1 << 30):
+                pass
+            return scratch.log.drain()
 
     def reannouncing(self) -> bool:
         return self.tier_events.reannouncing

@@ -250,6 +250,8 @@ COMMANDS: dict[str, Command] = {
                 _status_arguments, _run_status),
         delegate("config", "show the effective configuration (file > FLEXKV_* environment > defaults)",
                  "flexkv_core.config"),
+        delegate("serve", "hold this node's shared tiers for engines with FLEXKV_SHARE_SERVER=1",
+                 "flexkv_core.shared.owner"),
     )
 }
 

@@ -36,6 +36,7 @@ class StorePlan:
     slots: list[int]
     positions: list[int]
     covered: int = 0
+    pool: str = ""  # the CPU pool the slots belong to (a shared cache's pool changes when its owner restarts)
     _rows: np.ndarray = field(default_factory=lambda: _NO_ROWS, repr=False)
 
 
@@ -52,6 +53,7 @@ class LoadPlan:
     slots: list[int]
     ready: Future = field(default_factory=Future)
     tier_hits: dict[Tier, int] = field(default_factory=lambda: dict.fromkeys(SOURCE_TIERS, 0))
+    pool: str = ""  # the CPU pool the slots belong to
     _rows: np.ndarray = field(default_factory=lambda: _NO_ROWS, repr=False)  # rows of the blocks we hold
     _pinned: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)  # CPU pin held, per row
     _source: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8), repr=False)  # FROM_* per block

@@ -78,6 +78,9 @@ class FlexKVConnectorMetadata(KVConnectorMetadata):
     stores: list[StoreJob] = field(default_factory=list)
     #: store jobs (of earlier steps) to finish before this step's forward pass: their blocks are reused now
     flush: list[int] = field(default_factory=list)
+    #: the CPU pool this step's jobs name slots of. An engine's own pool never changes; a shared cache's does
+    #: when its owner restarts, and a worker mapped to another pool must not copy (see flexkv_dynamo.worker).
+    pool: str | None = None
 
     def is_empty(self) -> bool:
         return not self.loads and not self.stores and not self.flush

@@ -72,6 +72,7 @@ from flexkv_core.cache import LoadPlan, StorePlan, TieredCache
 from flexkv_core.config import FlexKVConfig, configure_logging
 from flexkv_core.layout import CacheIdentity, KVLayout, Tier
 from flexkv_core.metrics import start_metrics_server
+from flexkv_core.shared import SharedCache
 
 from .announce import Announcer
 from .guard import CallbackFailures, FaultInjector
@@ -237,9 +238,16 @@ class FlexKVScheduler:
         events_config = getattr(vllm_config, "kv_events_config", None)
         if self._events_enabled and events_config is not None and events_config.enable_kv_cache_events:
             check_int_block_hashes()  # bytes hashes: neither vLLM's nor our events would reach the router
+        self.layout = layout
+        shared = config.share_server  # the node's shared tiers, held by a `flexkv serve` owner (flexkv_core.shared)
+        if shared and config.enable_distributed:
+            raise NotImplementedError("FLEXKV_ENABLE_DISTRIBUTED with FLEXKV_SHARE_SERVER=1 is not supported yet: "
+                                      "a shared cache serves the engines of one node")
         # Claim the service endpoint before allocating anything (CPU pool, SSD files): a worker given another
-        # live worker's FLEXKV_SERVER_RECV_PORT must fail without touching /dev/shm or the disk.
-        self.service = self._claim_service() if start_service else None
+        # live worker's FLEXKV_SERVER_RECV_PORT must fail without touching /dev/shm or the disk. A shared
+        # cache's owner serves that endpoint instead.
+        self.service = self._claim_service() if start_service and not shared else None
+        self.cache: TieredCache | SharedCache
         self._metrics_server = None
         self.failures = failures or CallbackFailures("scheduler")
         self._faults = faults
@@ -247,13 +255,12 @@ class FlexKVScheduler:
         try:
             if config.enable_metrics and config.metrics_port:  # flexkv_* live in this process only: serve them
                 self._metrics_server = start_metrics_server(config.metrics_port, addr=config.node_addr)
-            self.cache = TieredCache(config, self.identity)
+            self.cache = SharedCache(config, self.identity) if shared else TieredCache(config, self.identity)
         except BaseException:
             self._stop_metrics_server()
             if self.service is not None:
                 self.service.stop()
             raise
-        self.pool_info = PoolInfo(self.cache.pool_name, self.cache.pool.num_slots, layout.slot_bytes, layout)
         self._requests: dict[str, _Request] = {}
         self._waiting_loads: dict[str, _Load] = {}  # req id -> load not yet sent (staging or cancelled)
         self._loads: dict[int, _Load] = {}  # job id -> load sent to the workers
@@ -282,9 +289,23 @@ class FlexKVScheduler:
                 self.service.stop()
             raise
         with _LIVE_LOCK:
-            _LIVE[self.cache.pool_name] = self
+            _LIVE[self._live_key] = self
         log.info("FlexKV connector (scheduler side) ready: %s, pool %s, service %s", self.identity.describe(),
-                 self.cache.pool_name, self.service.endpoint if self.service else "off")
+                 self.cache.pool_name, self.service.endpoint if self.service else
+                 f"shared at {config.server_recv_port}" if config.share_server else "off")
+
+    @property
+    def _live_key(self) -> str:
+        return f"{id(self):x}"
+
+    @property
+    def pool_info(self) -> PoolInfo | None:
+        """The CPU pool the workers copy to and from (None while a shared cache's owner is away)."""
+        name = self.cache.pool_name
+        if name is None:
+            return None
+        pool = self.cache.pool
+        return PoolInfo(name, pool.num_slots, self.layout.slot_bytes, self.layout)
 
     def _fault(self, point: str) -> None:
         if self._faults is not None:
@@ -293,19 +314,18 @@ class FlexKVScheduler:
     # ---- the service (attach, status) ----------------------------------------------------------------
 
     def _claim_service(self):
-        """Bind FLEXKV_SERVER_RECV_PORT (or fail naming its holder); it answers only ``whoami`` until
-        `_service_handlers` are added once the cache exists."""
+        """Bind FLEXKV_SERVER_RECV_PORT (or fail naming its holder); until `_service_handlers` are added once
+        the cache exists it answers ``whoami``, and ``attach`` with no pool (the workers ask again)."""
         from flexkv_core.service import CacheService
 
-        service = CacheService(self.config.server_recv_port, {}, share=self.config.share_server,
+        service = CacheService(self.config.server_recv_port, {"attach": lambda: {"pool": None}}, share=False,
                                name="vllm-flexkv-connector")
         service.start()
         if service.attached_to is not None:
             service.stop()
             raise NotImplementedError(
-                f"FLEXKV_SERVER_RECV_PORT {self.config.server_recv_port} is served by a sharing cache (pid "
-                f"{service.attached_to}); the vLLM connector cannot share another process's cache yet: give "
-                "this engine its own port")
+                f"FLEXKV_SERVER_RECV_PORT {self.config.server_recv_port} is served by a shared cache (pid "
+                f"{service.attached_to}): set FLEXKV_SHARE_SERVER=1 to use it, or give this engine its own port")
         return service
 
     def _service_handlers(self) -> dict:
@@ -429,11 +449,12 @@ class FlexKVScheduler:
         if plan is not None:
             self.cache.finish_load(plan)
 
-    def _ready_loads(self) -> list[LoadJob]:
-        """Load jobs for every waiting load whose bytes are in CPU slots now (or that was cancelled)."""
+    def _ready_loads(self, pool: str | None) -> list[LoadJob]:
+        """Load jobs for every waiting load whose bytes are in CPU slots now (or that was cancelled).
+        A load planned against another pool than ``pool`` (a shared cache's owner restarted) is a miss."""
         jobs = []
         for req_id, load in list(self._waiting_loads.items()):
-            if load.cancelled or load.plan is None:
+            if load.cancelled or load.plan is None or load.plan.pool != pool:
                 usable = 0
             elif load.plan.ready.done():
                 try:
@@ -460,7 +481,7 @@ class FlexKVScheduler:
 
     # ---- stores --------------------------------------------------------------------------------------
 
-    def _store_jobs(self, scheduler_output: SchedulerOutput) -> list[StoreJob]:
+    def _store_jobs(self, scheduler_output: SchedulerOutput, pool: str) -> list[StoreJob]:
         # This loop visits every running request on every step: keep it to a few operations each.
         # vLLM advances num_computed_tokens only after building the metadata (as its offloading
         # connector relies on too), so computed + scheduled is what the step leaves computed.
@@ -479,12 +500,12 @@ class FlexKVScheduler:
             full = min(full, len(st.request.block_hashes))
             if full <= st.stored_upto or full <= st.store_tried_at:
                 continue
-            job = self._store_job(st, full, scheduler_output)
+            job = self._store_job(st, full, scheduler_output, pool)
             if job is not None:
                 jobs.append(job)
         return jobs
 
-    def _store_job(self, st: _Request, full: int, scheduler_output: SchedulerOutput) -> StoreJob | None:
+    def _store_job(self, st: _Request, full: int, scheduler_output: SchedulerOutput, pool: str) -> StoreJob | None:
         """Offer blocks [stored_upto, full) of a request to the CPU tier; the job for those it reserved."""
         bs = self.block_size
         request = st.request
@@ -502,6 +523,10 @@ class FlexKVScheduler:
             st.store_tried_at = full  # no room for all: try again when the next block completes
         if not plan.block_hashes:
             return None  # held already (or no room at all)
+        if plan.pool != pool:  # a shared cache's owner changed under us: these slots are not the workers' pool
+            self.cache.complete_store(plan, ok=False)
+            st.stored_upto = min(st.stored_upto, start + plan.positions[0])
+            return None
         block_ids = self._engine_block_ids(st.request.request_id, [start + p for p in plan.positions],
                                            scheduler_output)
         if block_ids is None:
@@ -565,10 +590,13 @@ class FlexKVScheduler:
         if not scheduler_output.total_num_scheduled_tokens:
             self._idle_wait_for_staging()
             self._announcer.idle_tick()
-        loads = self._ready_loads()
-        stores = self._store_jobs(scheduler_output)
+        pool = self.pool_info  # read once: a shared cache's pool can change between two reads
+        name = pool.name if pool is not None else None
+        loads = self._ready_loads(name)
+        stores = self._store_jobs(scheduler_output, name) if name is not None else []
         self._forget(scheduler_output.finished_req_ids)
-        meta = FlexKVConnectorMetadata(loads=loads, stores=stores, flush=self._jobs_to_flush(scheduler_output))
+        meta = FlexKVConnectorMetadata(loads=loads, stores=stores, flush=self._jobs_to_flush(scheduler_output),
+                                       pool=name)
         self._fault("build_connector_meta")
         self._mark_sent(meta)
         return meta
@@ -592,7 +620,7 @@ class FlexKVScheduler:
             load.block_ids = []
         # Stores in flight may read blocks handed out again in this step: finish them all first.
         meta = FlexKVConnectorMetadata(loads=[self._send_load(load, 0) for load in list(self._waiting_loads.values())],
-                                       flush=sorted(self._stores))
+                                       flush=sorted(self._stores), pool=self.cache.pool_name)
         self._forget(scheduler_output.finished_req_ids or ())
         self._mark_sent(meta)
         return meta
@@ -770,8 +798,8 @@ class FlexKVScheduler:
     def shutdown(self) -> None:
         self._stop_metrics_server()
         with _LIVE_LOCK:
-            if _LIVE.get(self.cache.pool_name) is self:
-                del _LIVE[self.cache.pool_name]
+            if _LIVE.get(self._live_key) is self:
+                del _LIVE[self._live_key]
         if self.service is not None:
             self.service.stop()
             self.service = None

@@ -134,6 +134,7 @@ class FlexKVWorker:
         self._closing = threading.Event()
         self._attach_thread: threading.Thread | None = None
         self._deferred: list[StoreJob] = []  # recorded by run_stores, started by the next step
+        self._pool_of: dict[int, str | None] = {}  # job id -> the pool its slots are in, until it starts
         self._stores: dict[int, _Running] = {}  # job id -> store in flight
         self._queued_loads: list[LoadJob] = []  # loads waiting for the copier
         self._loads: list[_Running] = []
@@ -176,7 +177,9 @@ class FlexKVWorker:
                 while True:
                     try:
                         answer = client.call("attach")
-                        break
+                        if answer.get("pool") is not None:
+                            break
+                        raise ServiceUnavailable(self.endpoint, "the shared cache has no pool yet")
                     except ServiceUnavailable:
                         if self._closing.wait(0.05):
                             return
@@ -216,15 +219,63 @@ class FlexKVWorker:
                 raise RuntimeError(f"FlexKV worker is not attached to its cache: {self._attach_error}")
             return self.copier
 
+    # ---- a shared cache's pool changes when its owner restarts ----------------------------------------
+
+    def _in_our_pool(self, job_id: int) -> bool:
+        """Whether a job names slots of the pool this worker has mapped (called once per job, as it starts)."""
+        pool = self._pool_of.pop(job_id, None)
+        return pool is None or self.pool_info is None or pool == self.pool_info.name
+
+    def _follow_pool(self, pool: str | None) -> None:
+        """The scheduler names another pool than ours (a shared cache's owner restarted with a new one): let
+        the copies running into the old pool end, unmap it and attach again. Jobs naming the old pool fail
+        (`_in_our_pool`); jobs naming the new one wait until the new pool is mapped."""
+        with self._ready:
+            current = self.pool_info
+        if pool is None or current is None or pool == current.name:
+            return
+        log.warning("FlexKV worker rank %d: the cache's pool is now %s (was %s): its owner restarted; attaching "
+                    "again", self.tp_rank, pool, current.name)
+        for job_id, run in list(self._stores.items()):
+            try:
+                if run.copy is not None:
+                    run.copy.wait()
+            except Exception:  # noqa: BLE001 - reported failed below either way
+                pass
+            self._end_store(job_id, ok=False)
+        for run in self._loads:
+            try:
+                if run.copy is not None:
+                    run.copy.wait()
+            except Exception:  # noqa: BLE001
+                pass
+            self._end_load(run, ok=False)
+        self._loads = []
+        if self._attach_thread is not None:
+            self._attach_thread.join(ATTACH_POLL_S + 1)
+        with self._ready:
+            copier, old, self.copier, self.pool, self.pool_info = self.copier, self.pool, None, None, None
+            self._attach_error = None
+        if copier is not None:
+            copier.close()
+        if old is not None:
+            old.close()
+        self._attach_thread = threading.Thread(target=self._attach, name=f"flexkv-attach-{self.tp_rank}",
+                                               daemon=True)
+        self._attach_thread.start()
+
     # ---- stores ------------------------------------------------------------------------------------
 
     def run_stores(self, meta: FlexKVConnectorMetadata) -> None:
         """``wait_for_save``: record this step's store jobs; the next step starts them."""
+        for job in meta.stores:
+            self._pool_of[job.job_id] = meta.pool
         self._deferred.extend(meta.stores)
 
     def handle_preemptions(self, meta: FlexKVConnectorMetadata) -> None:
         """The start of a step, before its forward pass: start the stores recorded by the last step, then
         finish every store whose engine blocks this step may overwrite (``meta.flush``)."""
+        self._follow_pool(meta.pool)
         self._start_deferred(ATTACH_WAIT_S if meta.flush else 0)
         for job_id in meta.flush:
             run = self._stores.get(job_id)
@@ -258,6 +309,9 @@ class FlexKVWorker:
             return  # keep them for the next step
         now = time.perf_counter()
         for job in self._deferred:
+            if not self._in_our_pool(job.job_id):
+                self._report(job.job_id, ok=False)
+                continue
             try:
                 copy = copier.to_pool(job.block_ids, job.slots) if job.block_ids else None
             except Exception:  # noqa: BLE001 - a failed store is rolled back by the scheduler
@@ -296,6 +350,9 @@ class FlexKVWorker:
 
     def start_loads(self, meta: FlexKVConnectorMetadata) -> None:
         """``start_load_kv`` (after the forward pass): start this step's loads."""
+        self._follow_pool(meta.pool)
+        for job in meta.loads:
+            self._pool_of[job.job_id] = meta.pool
         self._queued_loads.extend(meta.loads)
         self._start_loads()
 
@@ -313,6 +370,9 @@ class FlexKVWorker:
             return  # their requests keep waiting: the next step tries again
         for job in self._queued_loads:
             started = time.perf_counter()
+            if not self._in_our_pool(job.job_id):
+                self._end_load(_Running(job, None, started), ok=False)
+                continue
             try:
                 copy = copier.from_pool(job.slots, job.block_ids) if job.block_ids else None
             except Exception:  # noqa: BLE001 - a failed copy is a load error, never a crash or hang
