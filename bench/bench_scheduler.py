@@ -289,8 +289,8 @@ def part_per_step(args: argparse.Namespace, workdir: str, *, loaded: bool) -> di
             if all(r.num_computed_tokens >= r.num_prompt_tokens for r in requests):
                 break
         if loaded:
-            lock = TimedLock(eng.flexkv.cache._lock, threading.get_ident())
-            eng.flexkv.cache._lock = lock
+            lock = TimedLock(eng.flexkv.cache.lock, threading.get_ident())
+            eng.flexkv.cache.lock = lock
             from flexkv_dynamo.kv_events import engine_hash_to_int
 
             chain = [engine_hash_to_int(h) for h in requests[0].block_hashes[:args.prompt // bs]]
@@ -374,8 +374,8 @@ def part_failed_staging(args: argparse.Namespace, workdir: str) -> dict[str, Any
             fh.seek(offset + 64)
             fh.write(b"\xff" * 64)
         assert eng.reset_prefix_cache()
-        lock = TimedLock(cache._lock, threading.get_ident())
-        cache._lock = lock
+        lock = TimedLock(cache.lock, threading.get_ident())
+        cache.lock = lock
         rng = random.Random(5)
         for i in range(16):  # other requests decode meanwhile: each step stores some of their blocks
             eng.add(f"busy{i}", prompt(rng, 4 * bs + i), 8 * bs)

@@ -491,7 +491,7 @@ def test_failed_loads_stay_failed_when_reporting_them_fails(engine):
     assert cache.flush(timeout=30)
     cache.evict_all(Tier.CPU)
     chain = [b for b in cache.index.blocks()
-             if b.ready(Tier.SSD) and b.token_list() == p[2 * BLOCK_SIZE:3 * BLOCK_SIZE]]
+             if b.ready(Tier.SSD) and cache.tokens_of(b.hash, Tier.SSD) == p[2 * BLOCK_SIZE:3 * BLOCK_SIZE]]
     assert len(chain) == 1
     path, offset = cache.ssd.location(chain[0].slot_in(Tier.SSD))
     with open(path, "r+b") as fh:

@@ -86,7 +86,8 @@ def test_each_rank_loads_its_own_part(engine, rank):
     cold = engine.generate([p], max_tokens=MAX_TOKENS)[0]
     engine.settle()
     wanted = {tuple(p[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]) for i in range(len(p) // BLOCK_SIZE)}
-    chain = [b for b in fk.cache.index.blocks() if b.ready(Tier.CPU) and tuple(b.token_list()) in wanted]
+    chain = [b for b in fk.cache.index.blocks()
+             if b.ready(Tier.CPU) and tuple(fk.cache.tokens_of(b.hash, Tier.CPU)) in wanted]
     assert len(chain) == len(p) // BLOCK_SIZE
     pool = fk.cache.pool.array()
     off = lay.rank_offset(rank)
