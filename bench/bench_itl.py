@@ -76,23 +76,17 @@ def model_dir(args: argparse.Namespace, workdir: str) -> str:
 def start(model: str, flexkv: bool, workdir: str, args: argparse.Namespace) -> Any:
     from vllm import LLM
 
+    from flexkv_core.config import patched_environ
+
     env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gb)}
     if flexkv:
         env.update({"ENABLE_FLEXKV": "1", "FLEXKV_CPU_CACHE_GB": str(args.cpu_gb),
                     "FLEXKV_SSD_CACHE_GB": str(args.ssd_gb), "FLEXKV_SSD_CACHE_DIR": os.path.join(workdir, "ssd"),
                     "FLEXKV_SERVER_RECV_PORT": f"ipc://{os.path.join(workdir, 'svc.sock')}"})
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the engine-core process inherits them
-    try:
+    with patched_environ(env):  # the engine-core process inherits them
         return LLM(model=model, dtype="float32", block_size=BLOCK_SIZE, max_model_len=args.max_model_len,
                    max_num_batched_tokens=args.max_batched_tokens, enable_prefix_caching=True, seed=0,
                    kv_transfer_config=FLEXKV_TRANSFER_CONFIG if flexkv else None)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def first_requests(llm: Any, args: argparse.Namespace, vocab: int) -> tuple[float, float]:

@@ -34,7 +34,8 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -55,17 +56,34 @@ __all__ = [
     "format_bytes",
     "load_config",
     "main",
+    "patched_environ",
 ]
 
 GiB = 1 << 30
 
+@contextmanager
+def patched_environ(values: Mapping[str, str]) -> Iterator[None]:
+    """Set ``values`` in os.environ for the block (child processes started in it inherit them), then restore
+    what was there."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
 #: The variable that names the configuration file.
 CONFIG_PATH_ENV = "FLEXKV_CONFIG_PATH"
 
-#: ``FLEXKV_*`` variables that are not configuration keys but belong to other parts of the project; every
-#: other unknown ``FLEXKV_*`` variable is an error (a typo would otherwise be silently ignored).
-#: FLEXKV_* variables that belong to other parts of the project (the Dynamo launcher reads the first two;
-#: FLEXKV_TEST_FAULTS is the connector's test-only fault injection, flexkv_dynamo.guard).
+#: ``FLEXKV_*`` variables that are not configuration keys but belong to other parts of the project (the Dynamo
+#: launcher reads FLEXKV_DYNAMO_HOOK and FLEXKV_KV_EVENTS_PORT; FLEXKV_TEST_FAULTS is the connector's test-only
+#: fault injection, flexkv_dynamo.guard); every other unknown ``FLEXKV_*`` variable is an error (a typo would
+#: otherwise be silently ignored).
 FOREIGN_ENV = frozenset({CONFIG_PATH_ENV, "FLEXKV_DYNAMO_HOOK", "FLEXKV_KV_EVENTS_PORT", "FLEXKV_TEST_FAULTS"})
 
 #: Where the CPU tier's shared-memory region lives (flexkv_core.tiers.cpu creates it there).

@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from flexkv_core.config import patched_environ
+
 from .kv_events import engine_hash_to_int
 from .metadata import FlexKVConnectorMetadata, FlexKVWorkerMetadata, LoadJob, StoreJob
 from .tiny_model import TinyModelSpec, make_tiny_model
@@ -152,17 +154,9 @@ class DryEngine:
             kv_cache_groups=[KVCacheGroupSpec(layers, FullAttentionSpec(block_size=block_size, num_kv_heads=2,
                                                                         head_size=64, dtype=torch.float32))])
         vllm_config.cache_config.num_gpu_blocks = num_gpu_blocks
-        saved = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)
-        try:
+        with patched_environ(env):
             self.scheduler: Scheduler = Scheduler(vllm_config, kv_cache_config, StructuredOutputManager(vllm_config),
                                                   block_size=block_size, log_stats=True)
-        finally:
-            for key, old in saved.items():
-                if old is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = old
         self.recorder = EventRecorder(keep=keep_events)
         self.scheduler.kv_event_publisher = self.recorder
         hash_fn = get_hash_fn_by_name(vllm_config.cache_config.prefix_caching_hash_algo)

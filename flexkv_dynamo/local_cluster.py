@@ -276,7 +276,7 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 log.warning("%s ignored SIGTERM for %.0f s: killing it", proc.name, grace_s)
         for proc in self.processes:
-            while _group_alive(proc.popen.pid) and time.monotonic() < deadline:
+            while group_alive(proc.popen.pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
             _signal_group(proc.popen.pid, signal.SIGKILL)
             try:
@@ -314,7 +314,8 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         pass
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
+    """Is any process of process group ``pgid`` left (vLLM's engine core outlives a worker's main process)?"""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:

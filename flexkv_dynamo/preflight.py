@@ -40,7 +40,7 @@ def preflight(env: Mapping[str, str] | None = None) -> FlexKVConfig:
     if not cfg.enable:
         return cfg  # the connector will be inert: it claims nothing
     try:
-        sharing_owner = probe_endpoint(cfg.server_recv_port, share=cfg.share_server)
+        probe_endpoint(cfg.server_recv_port, share=cfg.share_server)  # a sharing owner is fine when we share
     except EndpointInUse as exc:
         raise PreflightError(str(exc)) from None
     except OSError as exc:  # cannot be bound at all
@@ -50,10 +50,11 @@ def preflight(env: Mapping[str, str] | None = None) -> FlexKVConfig:
         raise PreflightError(message) from None
     if cfg.enable_metrics and cfg.metrics_port:
         _check_port_free(cfg.node_addr, cfg.metrics_port)
-    if sharing_owner is not None:
-        raise PreflightError(
-            f"FLEXKV_SERVER_RECV_PORT {cfg.server_recv_port} is served by a sharing cache (pid {sharing_owner}); "
-            "a vLLM worker cannot share another process's cache yet: give this worker its own port")
+    if cfg.share_server:  # the node's shared cache: its owner serves the endpoint (or instance 0 starts one)
+        if cfg.enable_distributed:
+            raise PreflightError("FLEXKV_ENABLE_DISTRIBUTED=1 with FLEXKV_SHARE_SERVER=1 is not supported yet: a "
+                                 "shared cache serves the engines of one node")
+        return cfg
     return cfg
 
 

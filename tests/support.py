@@ -13,18 +13,18 @@ node process too.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+from flexkv_core.config import patched_environ  # noqa: F401 - re-exported for the tests
+from flexkv_dynamo.local_cluster import get_json, group_alive  # noqa: F401 - group_alive re-exported
 
 T = TypeVar("T")
 
@@ -57,21 +57,6 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
         time.sleep(interval)
-
-
-@contextlib.contextmanager
-def patched_environ(values: Mapping[str, str]) -> Iterator[None]:
-    """Set ``values`` in os.environ for the block, then restore what was there."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
 
 
 def assert_connector_idle(flexkv: Any) -> None:
@@ -231,21 +216,9 @@ def tiny_worker_args(model_dir: str, template: Path) -> list[str]:
             "--custom-jinja-template", str(template)]
 
 
-def group_alive(pgid: int) -> bool:
-    """Is any process of process group ``pgid`` left (vLLM's engine core outlives a worker's main process)?"""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def http_json(url: str, body: Any = None, timeout: float = 120.0) -> Any:
     """POST ``body`` as JSON (GET when None) and return the decoded JSON answer."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.load(resp)
+    return get_json(url, body, timeout)
 
 
 def torchvision_shim_if_needed(root: Path) -> str:

@@ -172,6 +172,21 @@ def test_a_free_endpoint_is_left_free(workdir):
         pass
 
 
+def test_a_shared_cache_is_accepted_only_by_workers_that_share(workdir):
+    """A node's shared cache owner serves the endpoint: a worker with FLEXKV_SHARE_SERVER=1 passes, one without
+    is told how to use it (the same worker would otherwise fail after loading its model)."""
+    from flexkv_dynamo.preflight import PreflightError, preflight
+
+    endpoint = f"ipc://{workdir}/svc.sock"
+    env = {"FLEXKV_CPU_CACHE_GB": "0.01", "FLEXKV_SERVER_RECV_PORT": endpoint}
+    with CacheService(endpoint, {}, share=True, name="flexkv-serve"):
+        assert preflight({**env, "FLEXKV_SHARE_SERVER": "1"}).share_server
+        with pytest.raises(PreflightError, match=r"held by pid \d+ \(flexkv service 'flexkv-serve'.*sharing\).*or set FLEXKV_SHARE_SERVER=1"):
+            preflight(env)
+        with pytest.raises(PreflightError, match="FLEXKV_ENABLE_DISTRIBUTED=1 with FLEXKV_SHARE_SERVER=1"):
+            preflight({**env, "FLEXKV_SHARE_SERVER": "1", "FLEXKV_ENABLE_DISTRIBUTED": "1"})
+
+
 @pytest.mark.engine
 @pytest.mark.slow
 def test_engine_claims_the_endpoint_before_allocating_its_tiers(tiny_model_dir, workdir, holder):

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flexkv_core.config import patched_environ
 from flexkv_dynamo.kv_events import MEDIUM_GPU
 from flexkv_dynamo.publisher import KvEventPublisher
 
@@ -151,16 +152,8 @@ def dynamo_env(workdir: Path, log_level: str = "error") -> Iterator[None]:
     values = {name: "127.0.0.1" for name in LOOPBACK_ENV}
     values["DYN_FILE_KV"] = str(Path(workdir) / "discovery")
     values["DYN_LOG"] = os.environ.get("DYN_LOG", log_level)
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
+    with patched_environ(values):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def probe_tokens(n: int, block_size: int) -> list[int]:
