@@ -91,8 +91,8 @@ class FlexKVConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
-        # Only the owner of the cache checks the machine (memory, SSD directories); workers need the
-        # enable flag alone: the pool's name and layout reach them through the metadata.
+        # Only the owner of the cache checks the machine (memory, SSD directories); workers need the enable
+        # flag and the endpoint alone: they ask the cache's service there for the pool (flexkv_dynamo.worker).
         config = load_config(check_resources=role == KVConnectorRole.SCHEDULER)
         self.enabled = config.enable
         self.scheduler_side: FlexKVScheduler | None = None

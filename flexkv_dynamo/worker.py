@@ -12,7 +12,9 @@ pool, checks its layout against this worker's KV cache and builds the copier, wh
 the pool in the background (`flexkv_core.tiers.cpu.CpuPool.start_pinning`). The per-step metadata
 carries no pool facts. Jobs that arrive before the copier is ready wait for it without holding up the
 step (stores stay deferred, loads queued; their requests keep waiting), and a copy whose pool slots are
-not pinned yet starts as soon as they are.
+not pinned yet starts as soon as they are. A node's shared cache (``FLEXKV_SHARE_SERVER=1``) gets a new pool
+when its owner restarts: each step's metadata names the pool its jobs refer to, and a worker mapped to
+another one lets its copies end, fails the jobs of the old pool and attaches again (`_follow_pool`).
 
 **Stores never hold up a step.** vLLM 0.31's own offloading connector is the model:
 
