@@ -212,6 +212,13 @@ class FlexKVWorker:
                 self._attach_error = f"{type(exc).__name__}: {exc}"
                 self._ready.notify_all()
 
+    def fail_attach(self, why: str) -> None:
+        """This worker will never map the pool (its KV caches could not be registered): every copy job fails
+        at once, as a load error or a failed store, instead of waiting for an attachment that never comes."""
+        with self._ready:
+            self._attach_error = why
+            self._ready.notify_all()
+
     def _copier(self, timeout: float) -> BlockCopier | None:
         """The copier once attached (waiting up to ``timeout`` seconds); None meanwhile. RuntimeError if
         attaching failed."""

@@ -563,12 +563,12 @@ def test_an_engine_whose_kv_caches_could_not_be_registered_keeps_serving(tiny_mo
         assert worker.failures.total["register_kv_caches"] == 1
         assert eng.flexkv.cache.stats()["tiers"]["ssd"]["ready_blocks"] > 0
         first = run_one(eng, p)
-        assert worker.failures.total["start_load_kv"] >= 1, "the warm SSD tier's hit was not tried"
+        assert metric(eng, "vllm:flexkv_load_error_blocks") > 0, "the warm SSD tier's hit was not tried"
         assert eng.llm.reset_prefix_cache()
         second = run_one(eng, p)
         assert tokens_of(second) == tokens_of(first)
         assert tokens_of(first) == REFERENCE.get("restart", tokens_of(first))
-        assert metric(eng, "vllm:flexkv_connector_errors") >= 2
+        assert metric(eng, "vllm:flexkv_connector_errors") >= 1
         assert_quiescent(eng)
     finally:
         eng.shutdown()
