@@ -143,8 +143,8 @@ class FlexKVConnector(KVConnectorBase_V1):
             self.worker_side.register_kv_caches(kv_caches)
         except Exception as exc:  # noqa: BLE001 - without views every copy job fails: misses, not a dead engine
             self.failures.record("register_kv_caches", (), exc, "nothing: every later copy job fails")
-            self._quietly("mark the worker unattached", lambda: self.worker_side.fail_attach(
-                f"register_kv_caches failed ({type(exc).__name__}: {exc})"))
+            why = f"register_kv_caches failed ({type(exc).__name__}: {exc})"
+            self._quietly("mark the worker unattached", lambda: self.worker_side.fail_attach(why))
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         # The start of every step, before the forward pass: stores of the last step start, and stores whose
