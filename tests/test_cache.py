@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -392,11 +393,28 @@ def test_a_second_load_joins_a_staging_in_flight(tmp_path):
         engine = Engine(cache)
         want = [engine.block(i) for i in range(4)]
         hashes = store_on_ssd_only(cache, engine, tokens_for(13, 4), [0, 1, 2, 3])
-        with cache.lock:  # holds the staging's completion back until both loads are planned
-            first = cache.prepare_load(hashes[:2])  # stages blocks 0-1 from SSD
-            second = cache.prepare_load(hashes)  # joins that staging for 0-1, stages 2-3 itself
-            rows = cache.index.find(hashes).tolist()
-            assert cache.io.staging[rows[0]] == [second] and cache.io.staging[rows[3]] == []
+        # Hold the SSD reads back until both loads are planned (a read may otherwise finish, and its staging
+        # complete, before the second load is planned).
+        gate, read = threading.Event(), cache.ssd.read
+
+        def gated_read(items):
+            out = Future()
+
+            def later():
+                assert gate.wait(10)
+                inner = read(items)
+                inner.add_done_callback(lambda f: out.set_exception(f.exception()) if f.exception()
+                                        else out.set_result(f.result()))
+
+            threading.Thread(target=later, daemon=True).start()
+            return out
+
+        cache.ssd.read = gated_read
+        first = cache.prepare_load(hashes[:2])  # stages blocks 0-1 from SSD
+        second = cache.prepare_load(hashes)  # joins that staging for 0-1, stages 2-3 itself
+        rows = cache.index.find(hashes).tolist()
+        assert cache.io.staging[rows[0]] == [second] and cache.io.staging[rows[3]] == []
+        gate.set()
         assert second.block_hashes == hashes
         assert first.ready.result(timeout=10) == 2 and second.ready.result(timeout=10) == 4
         engine.wipe(range(64))
