@@ -13,8 +13,8 @@ It runs inside vLLM's scheduler (the EngineCore process) and answers vLLM's sche
   (2) a store job per request for the blocks this step's forward pass completes
   (`TieredCache.reserve_store`: CPU slots, blocks we already hold skipped), which the workers copy from
   the next step on, and (3) ``flush``: stores in flight that read engine blocks vLLM hands out again in
-  this step, or whose request was preempted, which the workers finish before the forward pass. See
-  `metadata` and `flexkv_dynamo.worker` for why fences rather than ``delay_free``.
+  this step, or whose request was preempted, which the workers finish before the forward pass
+  (`flexkv_dynamo.fences`; `flexkv_dynamo.worker` says why fences rather than ``delay_free``).
 * ``update_connector_output``: a job all workers reported ends (in job order, so that parents are
   published before the children another job stored): ``complete_store`` publishes the blocks (and
   queues their SSD write-back), ``finish_load`` unpins.
@@ -66,7 +66,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_events import AllBlocksCleared
-from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
 
 from flexkv_core.cache import LoadPlan, StorePlan, TieredCache
 from flexkv_core.config import FlexKVConfig, configure_logging
@@ -75,6 +74,7 @@ from flexkv_core.metrics import start_metrics_server
 from flexkv_core.shared import SharedCache
 
 from .announce import Announcer
+from .fences import StoreFences
 from .guard import CallbackFailures, FaultInjector
 from .kv_events import (
     check_int_block_hashes,
@@ -267,8 +267,7 @@ class FlexKVScheduler:
         self._load_of: dict[str, _Load] = {}  # req id -> its load, waiting or sent, until the job ends
         self._stores: dict[int, _Store] = {}  # job id -> store sent to the workers
         self._own_job_ids = itertools.count(-1, -1)  # ids of load jobs the cache never planned (failures)
-        self._fences: dict[int, set[int]] = {}  # engine block -> stores in flight of ended requests reading it
-        self._load_blocks: set[int] = set()  # engine blocks given to loads since the last step
+        self._fences = StoreFences()  # engine blocks of ended requests that stores in flight still read
         self._stats = FlexKVConnectorStats()
         self._kv_cache_manager: KVCacheManager | None = None
         self._reannounce = False  # vLLM's prefix cache was reset: the router forgot our tiers
@@ -413,7 +412,7 @@ class FlexKVScheduler:
         load = _Load(request.request_id, plan.job_id, plan, engine_blocks[:k], engine_blocks[k:],
                      staging=None if plan.ready.done() else frozenset(plan.block_hashes))
         self._waiting_loads[request.request_id] = self._load_of[request.request_id] = load
-        self._load_blocks.update(engine_blocks)  # written by the load: fenced like any reallocated block
+        self._fences.loaded_into(engine_blocks)  # written by the load: fenced like any reallocated block
         self._fault("update_state_after_alloc")
 
     def fail_load(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -559,30 +558,6 @@ class FlexKVScheduler:
         if st is not None and store.plan.positions:
             st.stored_upto = min(st.stored_upto, store.start + store.plan.positions[0])
 
-    def _jobs_to_flush(self, scheduler_output: SchedulerOutput) -> list[int]:
-        """Stores in flight the workers must finish before this step's forward pass: those of requests
-        preempted in this step (vLLM freed their blocks), and those reading a block allocated in this step."""
-        flush = set()
-        preempted = scheduler_output.preempted_req_ids or ()
-        if preempted:
-            flush.update(job_id for job_id, st in self._stores.items() if st.req_id in preempted)
-        allocated, self._load_blocks = self._load_blocks, set()
-        if self._fences:
-            for _req_id, new_blocks, _resumed in yield_req_data(scheduler_output):
-                if new_blocks:
-                    allocated.update(new_blocks[0])
-            for block in allocated & self._fences.keys():
-                flush.update(self._fences[block])
-        return sorted(flush)
-
-    def _unfence(self, job_id: int, st: _Store) -> None:
-        for block in st.block_ids:
-            jobs = self._fences.get(block)
-            if jobs is not None:
-                jobs.discard(job_id)
-                if not jobs:
-                    del self._fences[block]
-
     # ---- per step --------------------------------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> FlexKVConnectorMetadata:
@@ -595,8 +570,8 @@ class FlexKVScheduler:
         loads = self._ready_loads(name)
         stores = self._store_jobs(scheduler_output, name) if name is not None else []
         self._forget(scheduler_output.finished_req_ids)
-        meta = FlexKVConnectorMetadata(loads=loads, stores=stores, flush=self._jobs_to_flush(scheduler_output),
-                                       pool=name)
+        flush = self._fences.to_flush(scheduler_output, self._stores)
+        meta = FlexKVConnectorMetadata(loads=loads, stores=stores, flush=flush, pool=name)
         self._fault("build_connector_meta")
         self._mark_sent(meta)
         return meta
@@ -678,7 +653,7 @@ class FlexKVScheduler:
     def _end_job(self, job_id: int, job: _Store | _Load) -> None:
         if isinstance(job, _Store):
             del self._stores[job_id]
-            self._unfence(job_id, job)
+            self._fences.store_ended(job_id, job)
             published = self.cache.complete_store(job.plan, ok=not job.failed and not job.stale)
             if job.failed or published < len(job.plan.block_hashes):
                 self._unwind_store(job)
@@ -697,7 +672,7 @@ class FlexKVScheduler:
         """Forget a job whose completion failed, giving back what it still holds."""
         if isinstance(job, _Store):
             if self._stores.pop(job_id, None) is not None:
-                self._unfence(job_id, job)
+                self._fences.store_ended(job_id, job)
                 self._unwind_store(job)
                 self._quietly("roll back a store", lambda: self.cache.complete_store(job.plan, ok=False))
             return
@@ -710,10 +685,7 @@ class FlexKVScheduler:
         """vLLM may free the request's blocks now: its stores in flight are fenced from here on (a step that
         hands one of their blocks out again first finishes them). A load not sent yet is cancelled."""
         self._requests.pop(request.request_id, None)
-        for job_id, st in self._stores.items():
-            if st.req_id == request.request_id:
-                for block in st.block_ids:
-                    self._fences.setdefault(block, set()).add(job_id)
+        self._fences.request_ended(request.request_id, self._stores)
         load = self._waiting_loads.get(request.request_id)
         if load is not None and not load.cancelled:
             load.cancelled = True
@@ -812,6 +784,7 @@ class FlexKVScheduler:
             self.cache.complete_store(st.plan, ok=False)
         for load in [*self._loads.values(), *self._waiting_loads.values()]:
             self._release(load)
-        self._stores, self._loads, self._waiting_loads, self._fences = {}, {}, {}, {}
+        self._stores, self._loads, self._waiting_loads = {}, {}, {}
+        self._fences.clear()
         self._load_of = {}
         self.cache.close()
