@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .config import format_bytes
+
 DEFAULT_TIMEOUT_S = 3.0
 
 
@@ -107,14 +109,6 @@ def _distributed_view(client: Any) -> Any:
 _TIER_NAMES = ("cpu", "ssd", "remote")
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def _human_duration(seconds: float) -> str:
     seconds = int(seconds)
     days, rest = divmod(seconds, 86400)
@@ -128,7 +122,7 @@ def _value(key: str, value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     if "bytes" in key:
-        return human_bytes(value)
+        return format_bytes(value)
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -224,7 +218,7 @@ def format_distributed(view: Mapping[str, Any]) -> str:
              f"{view.get('held_blocks', 0)} blocks published",
              f"  peers: {len(peers)}" + (f" ({', '.join(peers)}), {view.get('peer_blocks', 0)} blocks between them"
                                          if peers else ""),
-             f"  fetched: {stats.get('fetched_blocks', 0)} blocks ({human_bytes(stats.get('fetched_bytes', 0))}) "
+             f"  fetched: {stats.get('fetched_blocks', 0)} blocks ({format_bytes(stats.get('fetched_bytes', 0))}) "
              f"in {stats.get('grants', 0)} grants; failed {stats.get('failed_blocks', 0)}, checksum mismatches "
              f"{stats.get('checksum_mismatches', 0)}, lease aborts {stats.get('lease_aborts', 0)}",
              f"  lent: {stats.get('lent_blocks', 0)} blocks in {stats.get('exports', 0)} exports"]
