@@ -24,7 +24,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from support import (
     http_json,
     make_hook_venv,
     tiny_worker_args,
+    wait_for,
     write_torchvision_shim,
 )
 
@@ -134,7 +134,9 @@ def test_prefix_only_in_one_workers_cpu_tier_is_routed_there_and_served_from_it(
     prompt = words(8 * BLOCK_SIZE, start=11)  # 8 full blocks
     start = [cpu_counts(e)[0] for e in cluster.cache_endpoints]
     first = cluster.complete(prompt)
-    time.sleep(0.5)  # stores complete right after the request's last step; let the counters settle
+    # Stores are copied and published a step after the request's last one: wait for both workers to settle.
+    wait_for(lambda: settled(cluster) and sum(cpu_counts(e)[0] for e in cluster.cache_endpoints) - sum(start) >= 8,
+             60, "the prompt's blocks stored")
     before = [cpu_counts(e) for e in cluster.cache_endpoints]
     new_blocks = [before[i][0] - start[i] for i in range(2)]
     assert sorted(new_blocks) == [0, 8], f"the prompt's 8 blocks should be stored by one worker: {new_blocks}"
@@ -151,12 +153,12 @@ def test_prefix_only_in_one_workers_cpu_tier_is_routed_there_and_served_from_it(
         cluster.complete(words(8 * BLOCK_SIZE, start=1000 + 37 * k), max_tokens=1)
     else:
         raise AssertionError(f"worker {holder} never stored {target} blocks:\n{cluster.logs()}")
-    time.sleep(0.5)
+    wait_for(lambda: settled(cluster), 60, "both workers idle")
     hits_before = [cpu_counts(e)[1] for e in cluster.cache_endpoints]
 
     again = cluster.complete(prompt)
 
-    time.sleep(0.5)
+    wait_for(lambda: settled(cluster), 60, "both workers idle")
     hits_after = [cpu_counts(e)[1] for e in cluster.cache_endpoints]
     # Served from our CPU tier on the holder: 8 blocks loaded there, none on the other worker.
     assert hits_after[holder] - hits_before[holder] == 8, (hits_before, hits_after, cluster.logs())
@@ -174,6 +176,11 @@ def test_prefix_only_in_one_workers_cpu_tier_is_routed_there_and_served_from_it(
     assert f"worker_id={holder_id}" in decision[0] and "host_pinned_blocks=8" in decision[0], decision[0]
 
 
+def settled(cluster: Cluster) -> bool:
+    """No job of ours in flight on any worker (stores and loads end a step or more after their request)."""
+    return all(not any(cache_call(e, "in_flight").values()) for e in cluster.cache_endpoints)
+
+
 def tier_blocks(endpoint: str) -> int:
     tiers = cache_call(endpoint, "status")["tiers"]
     return sum(t["ready_blocks"] for t in tiers.values())
@@ -187,8 +194,8 @@ def test_dynamos_cache_flush_after_a_weight_update_empties_our_tiers(cluster):
     without asking connectors: KV computed before must not come back from our tiers either."""
     prompt = words(4 * BLOCK_SIZE, start=3000)
     first = cluster.complete(prompt)
-    time.sleep(0.5)
-    assert sum(tier_blocks(e) for e in cluster.cache_endpoints) >= 4
+    wait_for(lambda: settled(cluster) and sum(tier_blocks(e) for e in cluster.cache_endpoints) >= 4, 60,
+             "the prompt's blocks stored")
     for port in cluster.system_ports:
         answer = http_json(f"http://127.0.0.1:{port}/engine/flush_cache", {}, timeout=60)
         assert answer["status"] == "ok", answer
