@@ -118,7 +118,12 @@ def start_engine(model_dir: str, *, transfer_config: dict[str, Any] | None = Non
                  kv_cache_gb: int = 1, **llm_kwargs: Any) -> Engine:
     """Start an in-process vLLM engine on the tiny model (tens of seconds)."""
     from vllm import LLM
+    from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
 
+    # vLLM keeps the worker-side connector in a process-wide global, set once and cleared by a clean engine
+    # shutdown only: an earlier engine of this process that failed to start (a test of that) leaves its
+    # connector there, and vLLM would hand it to this engine, with the other engine's KV layout.
+    ensure_kv_transfer_shutdown()
     values = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb)}
     values.update(env or {})
     with patched_environ(values):
