@@ -168,9 +168,11 @@ def complete(url: str, model: str, prompt: str, max_tokens: int = 4, **extra: An
 
 
 def stream(url: str, model: str, prompt: str, max_tokens: int, timeout: float = 300) -> Iterator[dict[str, Any]]:
-    """A streaming completion's chunks, as they arrive (server-sent events, up to ``data: [DONE]``)."""
+    """A streaming completion's chunks, as they arrive (server-sent events, up to ``data: [DONE]``). Each
+    chunk carries its tokens' logprobs: a slow reader gets several tokens merged into one chunk, so count
+    tokens with `chunk_tokens`, not chunks."""
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True, "ignore_eos": True}).encode()
+                       "stream": True, "ignore_eos": True, "logprobs": 1}).encode()
     req = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         for raw in resp:
@@ -181,3 +183,9 @@ def stream(url: str, model: str, prompt: str, max_tokens: int, timeout: float = 
             if data == "[DONE]":
                 return
             yield json.loads(data)
+
+
+def chunk_tokens(choice: dict[str, Any]) -> int:
+    """How many tokens one streamed choice carries (requests made with ``logprobs``)."""
+    logprobs = choice.get("logprobs") or {}
+    return len(logprobs.get("tokens") or ())

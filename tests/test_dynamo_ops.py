@@ -41,6 +41,7 @@ from dynamo_cluster import (
     WORKER_ENDPOINT,
     Proc,
     cache_call,
+    chunk_tokens,
     complete,
     flexkv_status_cli,
     generate_instances,
@@ -356,8 +357,8 @@ async def _soak_one(session: Any, url: str, model: str, prompt: str, max_tokens:
     """One streaming request: 'done' (all tokens, finish_reason, [DONE]), 'cancelled' (we hung up after
     ``cancel_after`` chunks) or an error description."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}
-    chunks, finished = 0, None
+            "ignore_eos": True, "logprobs": 1}
+    chunks, tokens, finished = 0, 0, None
     async with session.post(f"{url}/v1/completions", json=body) as resp:
         if resp.status != 200:
             return f"HTTP {resp.status}: {(await resp.text())[:200]}"
@@ -367,12 +368,13 @@ async def _soak_one(session: Any, url: str, model: str, prompt: str, max_tokens:
                 continue
             data = line[5:].strip()
             if data == "[DONE]":
-                return "done" if finished and chunks >= max_tokens else f"ended early ({chunks} chunks, {finished})"
+                return "done" if finished and tokens == max_tokens else f"ended early ({tokens} tokens, {finished})"
             event = json.loads(data)
             if "error" in event:
                 return f"error event: {event['error']}"
             for choice in event.get("choices", []):
                 chunks += bool(choice.get("text"))
+                tokens += chunk_tokens(choice)  # a slow reader gets several tokens in one chunk
                 finished = choice.get("finish_reason") or finished
             if cancel_after is not None and chunks >= cancel_after:
                 resp.close()  # the client disconnects mid-stream
@@ -447,8 +449,8 @@ def test_a_killed_worker_costs_no_failed_request(deployment, capsys):
     def run(i: int) -> tuple[int, float, float]:
         """(tokens streamed, when it started, when it ended)."""
         start = time.monotonic()
-        n = sum(bool(c["choices"][0].get("text")) for c in stream(d.url, d.model, words(64, start=900 + 11 * i),
-                                                                   max_tokens))
+        n = sum(chunk_tokens(c["choices"][0]) for c in stream(d.url, d.model, words(64, start=900 + 11 * i),
+                                                               max_tokens))
         return n, start, time.monotonic()
 
     with cf.ThreadPoolExecutor(max_workers=16) as pool:
