@@ -52,7 +52,7 @@ def main() -> None:
     slot = LAYOUT.slot_bytes
     cfg = FlexKVConfig(cpu_cache_gb=(args.blocks + 1024) * slot / 2**30, ssd_cache_gb=0, enable_metrics=False,
                        server_recv_port=f"ipc://{work}/svc.sock", share_server=True)
-    owner = subprocess.Popen([sys.executable, "-m", "flexkv_core.shared.owner", "--config-stdin"],
+    owner = subprocess.Popen([sys.executable, "-m", "flexkv_core.cli", "serve", "--config-stdin"],
                              stdin=subprocess.PIPE, start_new_session=True)
     owner.stdin.write(json.dumps(cfg.to_dict()).encode())
     owner.stdin.close()

@@ -60,6 +60,7 @@ from support import (
     free_port,
     http_json,
     make_hook_venv,
+    patched_environ,
     tiny_worker_args,
     wait_for,
     write_torchvision_shim,
@@ -185,13 +186,16 @@ def deployment(tiny_model_dir):
     finally:
         stop_all(d.procs)
         redis.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not os.environ.get("FKVTEST_KEEP_DIRS"):
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def probe(deployment):
-    """A router that has followed the workers' events since the deployment came up."""
-    p = RouterProbe(WORKER_ENDPOINT, BLOCK_SIZE)
+    """A router that has followed the workers' events since the deployment came up. Dynamo's runtime reads its
+    discovery directory and loopback hosts from the environment when it starts: the deployment's."""
+    with patched_environ({k: v for k, v in deployment.env.items() if k.startswith("DYN_")}):
+        p = RouterProbe(WORKER_ENDPOINT, BLOCK_SIZE)
     yield p
     p.close()
 

@@ -206,7 +206,7 @@ def test_mirror_replay_after_a_snapshot_is_idempotent():
 
 
 def start_owner_process(cfg: FlexKVConfig) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "flexkv_core.shared.owner"], env=env_of(cfg),
+    proc = subprocess.Popen([sys.executable, "-m", "flexkv_core.cli", "serve"], env=env_of(cfg),
                             start_new_session=True)
     wait_for(lambda: _answers(cfg.server_recv_port), 30, "flexkv serve to answer")
     return proc

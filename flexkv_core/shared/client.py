@@ -336,7 +336,7 @@ class SharedCache:
         self._spawned_at = time.monotonic()
         logfile = os.path.join(tempfile.gettempdir(),
                                f"flexkv-serve-{xxhash.xxh3_64_hexdigest(self.endpoint.encode())}.log")
-        cmd = [sys.executable, "-m", "flexkv_core.shared.owner", "--exit-when-idle", str(OWNER_IDLE_EXIT_S),
+        cmd = [sys.executable, "-m", "flexkv_core.cli", "serve", "--exit-when-idle", str(OWNER_IDLE_EXIT_S),
                "--config-stdin"]
         with open(logfile, "ab") as out:
             # setsid -f: the owner lives in a session of its own and is no child of ours, so neither vLLM's
