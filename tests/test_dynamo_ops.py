@@ -190,12 +190,17 @@ def deployment(tiny_model_dir):
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def router_of(d: Deployment) -> RouterProbe:
+    """A KvRouter of our own on the deployment's workers. Dynamo's runtime reads its discovery directory and
+    loopback hosts from the environment when it starts: the deployment's."""
+    with patched_environ({k: v for k, v in d.env.items() if k.startswith("DYN_")}):
+        return RouterProbe(WORKER_ENDPOINT, BLOCK_SIZE)
+
+
 @pytest.fixture(scope="module")
 def probe(deployment):
-    """A router that has followed the workers' events since the deployment came up. Dynamo's runtime reads its
-    discovery directory and loopback hosts from the environment when it starts: the deployment's."""
-    with patched_environ({k: v for k, v in deployment.env.items() if k.startswith("DYN_")}):
-        p = RouterProbe(WORKER_ENDPOINT, BLOCK_SIZE)
+    """A router that has followed the workers' events since the deployment came up."""
+    p = router_of(deployment)
     yield p
     p.close()
 
@@ -335,7 +340,7 @@ def test_after_a_frontend_restart_the_router_knows_every_tier_again(deployment, 
     d.frontend.kill()  # a crash: nothing is handed over
     d.start_frontend()
     d.wait_serving()
-    fresh = RouterProbe(WORKER_ENDPOINT, BLOCK_SIZE)  # what the new frontend's router knows
+    fresh = router_of(d)  # what the new frontend's router knows
     try:
         wait_for(lambda: {w: o.tiers for w, o in fresh.overlaps(on_ssd.tokens).items()} == expected, 60,
                  "a router started after the restart to know every tier")
