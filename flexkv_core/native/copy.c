@@ -1,4 +1,4 @@
-/* flexkv_core._copy: one call copies a whole batch of (destination, source, size) pieces of memory.
+/* flexkv_core.native._copy: one call copies a whole batch of (destination, source, size) pieces of memory.
  *
  * The CPU data path of flexkv_core.transfer: a store or a load of N blocks is N x (layers x K/V) pieces,
  * often 4 KiB each; a Python loop of one copy per piece spends more time in the interpreter than in
