@@ -10,7 +10,7 @@ left over (the cache's counters) after aborts, a reset and a shutdown with store
 On two CPU cores a store of these tiny blocks takes well under a millisecond, so the window in which a
 block could be overwritten under a store would almost never open. `held_stores` opens it wide: the same
 copy, made by the same code, starts only when something waits for a store (a fence) or ``HOLD_S`` seconds
-later (a slow device). With the fences turned off (``FlexKVScheduler._jobs_to_flush`` returning nothing)
+later (a slow device). With the fences turned off (``StoreFences.to_flush`` returning nothing)
 the first three tests fail.
 """
 
@@ -91,20 +91,20 @@ def held_stores(hold_s: float = HOLD_S) -> Iterator[None]:
 def counting_flushes(engine: Engine) -> Iterator[list[int]]:
     """Collects the store jobs the scheduler asks the workers to finish early: the test's scenario really
     reused blocks under stores in flight."""
-    fk = engine.flexkv
+    fences = engine.flexkv._fences
     flushed: list[int] = []
-    real = fk._jobs_to_flush
+    real = fences.to_flush
 
-    def jobs_to_flush(scheduler_output: Any) -> list[int]:
-        jobs = real(scheduler_output)
+    def to_flush(scheduler_output: Any, stores: Any) -> list[int]:
+        jobs = real(scheduler_output, stores)
         flushed.extend(jobs)
         return jobs
 
-    fk._jobs_to_flush = jobs_to_flush
+    fences.to_flush = to_flush
     try:
         yield flushed
     finally:
-        del fk._jobs_to_flush
+        del fences.to_flush
 
 
 @pytest.fixture(scope="module")
