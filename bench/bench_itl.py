@@ -77,8 +77,12 @@ def start(model: str, flexkv: bool, workdir: str, args: argparse.Namespace) -> A
     from vllm import LLM
 
     from flexkv_core.config import patched_environ
+    from flexkv_dynamo.local_cluster import cpu_share
 
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gb)}
+    # The same cores for both engines, set explicitly: vLLM's automatic binding reserves cores depending on
+    # whether a connector is configured, which alone made the two engines' prefills differ by 1.9x here.
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gb),
+           "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or cpu_share(0, 1)}
     if flexkv:
         env.update({"ENABLE_FLEXKV": "1", "FLEXKV_CPU_CACHE_GB": str(args.cpu_gb),
                     "FLEXKV_SSD_CACHE_GB": str(args.ssd_gb), "FLEXKV_SSD_CACHE_DIR": os.path.join(workdir, "ssd"),
