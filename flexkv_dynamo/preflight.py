@@ -39,8 +39,14 @@ def preflight(env: Mapping[str, str] | None = None) -> FlexKVConfig:
         raise PreflightError(f"flexkv config: {exc}") from None
     if not cfg.enable:
         return cfg  # the connector will be inert: it claims nothing
+    if cfg.share_server:  # the node's shared cache: its owner serves the endpoint (or instance 0 starts one),
+        # and may be too busy starting to answer a probe: the engine attaches when it answers
+        if cfg.enable_distributed:
+            raise PreflightError("FLEXKV_ENABLE_DISTRIBUTED=1 with FLEXKV_SHARE_SERVER=1 is not supported yet: a "
+                                 "shared cache serves the engines of one node")
+        return cfg
     try:
-        probe_endpoint(cfg.server_recv_port, share=cfg.share_server)  # a sharing owner is fine when we share
+        probe_endpoint(cfg.server_recv_port, share=False)
     except EndpointInUse as exc:
         raise PreflightError(str(exc)) from None
     except OSError as exc:  # cannot be bound at all
@@ -50,11 +56,6 @@ def preflight(env: Mapping[str, str] | None = None) -> FlexKVConfig:
         raise PreflightError(message) from None
     if cfg.enable_metrics and cfg.metrics_port:
         _check_port_free(cfg.node_addr, cfg.metrics_port)
-    if cfg.share_server:  # the node's shared cache: its owner serves the endpoint (or instance 0 starts one)
-        if cfg.enable_distributed:
-            raise PreflightError("FLEXKV_ENABLE_DISTRIBUTED=1 with FLEXKV_SHARE_SERVER=1 is not supported yet: a "
-                                 "shared cache serves the engines of one node")
-        return cfg
     return cfg
 
 
