@@ -225,26 +225,31 @@ def test_loaded_bytes_are_what_the_engine_uses(engine):
     assert engine.llm.reset_prefix_cache()
 
 
-def test_failed_ssd_read_is_recomputed(engine):
-    """A block whose SSD copy is corrupt fails its checksum: vLLM recomputes from it, same output."""
-    p = prompt(6, 8 * BLOCK_SIZE + 5)
-    cold = run_one(engine, p)
+def corrupt_on_ssd(engine: Engine, p: list[int], k: int) -> None:
+    """Leave the prompt's blocks on SSD only, and flip bytes of block ``k``'s copy there (its checksum fails)."""
     cache = engine.flexkv.cache
     assert cache.flush(timeout=30)
     cache.evict_all(Tier.CPU)
     chain = [b for b in cache.index.blocks()
-             if b.ready(Tier.SSD) and cache.tokens_of(b.hash, Tier.SSD) == p[3 * BLOCK_SIZE:4 * BLOCK_SIZE]]
+             if b.ready(Tier.SSD) and cache.tokens_of(b.hash, Tier.SSD) == p[k * BLOCK_SIZE:(k + 1) * BLOCK_SIZE]]
     assert len(chain) == 1
     path, offset = cache.ssd.location(chain[0].slot_in(Tier.SSD))
-    with open(path, "r+b") as fh:  # flip bytes of block 3 on disk
+    with open(path, "r+b") as fh:
         fh.seek(offset + 100)
         fh.write(b"\xff" * 64)
+
+
+def test_failed_ssd_read_is_recomputed(engine):
+    """A block whose SSD copy is corrupt fails its checksum: vLLM recomputes from it, same output."""
+    p = prompt(6, 8 * BLOCK_SIZE + 5)
+    cold = run_one(engine, p)
+    corrupt_on_ssd(engine, p, 3)
     errors_before = metric(engine, "vllm:flexkv_load_error_blocks")
     assert engine.llm.reset_prefix_cache()
     again = run_one(engine, p)
     assert tokens_of(again) == tokens_of(cold)
     assert metric(engine, "vllm:flexkv_load_error_blocks") - errors_before == 5  # blocks 3..7
-    assert cache.stats()["metrics"]["checksum_failures"] >= 1  # told apart from I/O errors
+    assert engine.flexkv.cache.stats()["metrics"]["checksum_failures"] >= 1  # told apart from I/O errors
     assert_quiescent(engine)
 
 
@@ -487,16 +492,7 @@ def test_failed_loads_stay_failed_when_reporting_them_fails(engine):
     block that did not arrive."""
     p = prompt(7, 8 * BLOCK_SIZE + 5)
     cold = run_one(engine, p)
-    cache = engine.flexkv.cache
-    assert cache.flush(timeout=30)
-    cache.evict_all(Tier.CPU)
-    chain = [b for b in cache.index.blocks()
-             if b.ready(Tier.SSD) and cache.tokens_of(b.hash, Tier.SSD) == p[2 * BLOCK_SIZE:3 * BLOCK_SIZE]]
-    assert len(chain) == 1
-    path, offset = cache.ssd.location(chain[0].slot_in(Tier.SSD))
-    with open(path, "r+b") as fh:
-        fh.seek(offset + 100)
-        fh.write(b"\xff" * 64)
+    corrupt_on_ssd(engine, p, 2)
     assert engine.llm.reset_prefix_cache()
     faults = injector(engine, "worker")
     faults.arm("get_block_ids_with_load_errors", times=10_000)
