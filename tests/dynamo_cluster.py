@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from support import group_alive, http_json
+from conftest import short_tmpdir
+from support import CHAT_TEMPLATE, group_alive, http_json, make_hook_venv, write_torchvision_shim
 
 #: What ``dynamo.vllm`` serves by default (namespace dynamo, component backend): the router's endpoint.
 WORKER_ENDPOINT = "dynamo.backend.generate"
@@ -189,3 +190,21 @@ def chunk_tokens(choice: dict[str, Any]) -> int:
     """How many tokens one streamed choice carries (requests made with ``logprobs``)."""
     logprobs = choice.get("logprobs") or {}
     return len(logprobs.get("tokens") or ())
+
+
+@dataclass(frozen=True)
+class Workdir:
+    """What every Dynamo deployment of the e2e tests starts from: a short-named directory (ipc sockets), the
+    torchvision stand-in, a venv with our start-up hook, and the tiny model's chat template."""
+
+    path: Path
+    shim: Path
+    hook_python: Path
+    template: Path
+
+    @classmethod
+    def make(cls, prefix: str) -> Workdir:
+        path = Path(short_tmpdir(prefix))
+        template = path / "chat.jinja"
+        template.write_text(CHAT_TEMPLATE)
+        return cls(path, write_torchvision_shim(path / "shim"), make_hook_venv(path), template)

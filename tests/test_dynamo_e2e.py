@@ -25,20 +25,24 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import short_tmpdir
-from dynamo_cluster import Proc, cache_call, cpu_counts, flexkv_status_cli, stop_all, wait_until_serving
+from dynamo_cluster import (
+    Proc,
+    Workdir,
+    cache_call,
+    cpu_counts,
+    flexkv_status_cli,
+    stop_all,
+    wait_until_serving,
+)
 from support import (
     BLOCK_SIZE,
-    CHAT_TEMPLATE,
     GPU_BLOCKS,
     base_env,
     free_port,
     http_json,
-    make_hook_venv,
     tiny_worker_args,
     wait_for,
     write_torchvision_shim,
@@ -69,11 +73,8 @@ class Cluster:
 def cluster(tiny_model_dir):
     pytest.importorskip("dynamo.llm")
     pytest.importorskip("vllm")
-    workdir = Path(short_tmpdir("fxe2e"))
-    shim = write_torchvision_shim(workdir / "shim")
-    hook_python = make_hook_venv(workdir)
-    template = workdir / "chat.jinja"
-    template.write_text(CHAT_TEMPLATE)
+    wd = Workdir.make("fxe2e")
+    workdir, shim, hook_python, template = wd.path, wd.shim, wd.hook_python, wd.template
     env = base_env(workdir, shim)
     http_port = free_port()
     procs: list[Proc] = []

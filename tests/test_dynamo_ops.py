@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import short_tmpdir
 from dynamo_cluster import (
     WORKER_ENDPOINT,
     Proc,
+    Workdir,
     cache_call,
     chunk_tokens,
     complete,
@@ -53,17 +53,14 @@ from dynamo_cluster import (
 from router_harness import Overlap, RouterProbe, vllm_block_hashes
 from support import (
     BLOCK_SIZE,
-    CHAT_TEMPLATE,
     GPU_BLOCKS,
     RedisServer,
     base_env,
     free_port,
     http_json,
-    make_hook_venv,
     patched_environ,
     tiny_worker_args,
     wait_for,
-    write_torchvision_shim,
 )
 
 from flexkv_dynamo.launch_args import free_port_block
@@ -161,12 +158,9 @@ class Deployment:
 def deployment(tiny_model_dir):
     pytest.importorskip("dynamo.llm")
     pytest.importorskip("vllm")
-    workdir = Path(short_tmpdir("fxops"))
+    wd = Workdir.make("fxops")
     redis = RedisServer().start()
-    shim = write_torchvision_shim(workdir / "shim")
-    hook_python = make_hook_venv(workdir)
-    template = workdir / "chat.jinja"
-    template.write_text(CHAT_TEMPLATE)
+    workdir, shim, hook_python, template = wd.path, wd.shim, wd.hook_python, wd.template
     env = {**base_env(workdir, shim),
            "FLEXKV_CPU_CACHE_GB": "0.25", "FLEXKV_SSD_CACHE_GB": "0.25",
            "FLEXKV_ENABLE_DISTRIBUTED": "1", "FLEXKV_REDIS_PORT": str(redis.port),

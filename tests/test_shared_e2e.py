@@ -19,21 +19,16 @@ import shutil
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import short_tmpdir
-from dynamo_cluster import Proc, stop_all, wait_until_serving
+from dynamo_cluster import Proc, Workdir, stop_all, wait_until_serving
 from support import (
     BLOCK_SIZE,
-    CHAT_TEMPLATE,
     base_env,
     free_port,
     http_json,
-    make_hook_venv,
     tiny_worker_args,
     wait_for,
-    write_torchvision_shim,
 )
 
 from flexkv_core.client import CacheClient
@@ -56,11 +51,8 @@ def sessions(endpoint: str) -> dict[int, dict]:
 def node(tiny_model_dir):
     pytest.importorskip("dynamo.llm")
     pytest.importorskip("vllm")
-    workdir = Path(short_tmpdir("fxsh"))
-    shim = write_torchvision_shim(workdir / "shim")
-    hook_python = make_hook_venv(workdir)
-    template = workdir / "chat.jinja"
-    template.write_text(CHAT_TEMPLATE)
+    wd = Workdir.make("fxsh")
+    workdir, shim, hook_python, template = wd.path, wd.shim, wd.hook_python, wd.template
     endpoint = f"ipc://{workdir}/flexkv_node"
     env = {**base_env(workdir, shim), "FLEXKV_SERVER_RECV_PORT": endpoint, "FLEXKV_SHARE_SERVER": "1",
            "FLEXKV_INSTANCE_NUM": "2", "FLEXKV_SSD_CACHE_GB": "0.25", "FLEXKV_SSD_CACHE_DIR": str(workdir / "ssd")}
@@ -153,8 +145,9 @@ def test_owner_death_costs_no_request_and_a_restarted_owner_serves_warm_from_ssd
 
     # The worker with FLEXKV_INSTANCE_ID=0 starts a new owner (as upstream FlexKV's instance 0 does); both
     # workers attach to it.
-    wait_for(lambda: _epoch(endpoint) not in (None, node["epoch"]) and sorted(sessions(endpoint)) == [0, 1],
-             60, "both workers attached to a new owner")
+    # Attached, and each worker's mirror holds the new owner's snapshot (else its lookups miss and it recomputes).
+    wait_for(lambda: _epoch(endpoint) not in (None, node["epoch"]) and sorted(sessions(endpoint)) == [0, 1]
+             and all(s["synced"] for s in sessions(endpoint).values()), 60, "both workers attached to a new owner")
     node["respawned_pid"] = _whoami(endpoint)["pid"]
     assert owner_status(endpoint)["tiers"]["ssd"]["ready_blocks"] >= PROMPT_BLOCKS, "not warm from SSD"
     # Round-robin sends the prompt to the worker whose GPU cache never held it within a few requests: that

@@ -79,6 +79,7 @@ class _Session:
     ready: dict[int, int] = field(default_factory=dict)  # load job -> usable blocks, not yet reported
     stored_blocks: int = 0  # blocks this session's engine stored (operators: who fills the shared tiers)
     loaded_blocks: int = 0  # blocks it loaded (who reuses them)
+    synced: bool = False  # the engine has polled once: its mirror holds the snapshot (its lookups can hit)
 
 
 class CacheOwner:
@@ -233,6 +234,7 @@ class CacheOwner:
         with self._lock:
             s = self._session(session)
             s.acked = max(s.acked, since)
+            s.synced = True  # an engine polls only once it has applied its snapshot
             ready, s.ready = s.ready, {}
             first = self._ring[0][0] if self._ring else self._seq + 1
             if since + 1 < first and since < self._seq:
@@ -351,7 +353,7 @@ class CacheOwner:
         with self._lock:
             sessions = [{"session": s.sid, "pid": s.pid, "instance_id": s.instance_id,
                          "loads": len(s.loads), "stores": len(s.stores), "stored_blocks": s.stored_blocks,
-                         "loaded_blocks": s.loaded_blocks,
+                         "loaded_blocks": s.loaded_blocks, "synced": s.synced,
                          "idle_s": round(time.monotonic() - s.last_seen, 3)} for s in self._sessions.values()]
             ring = len(self._ring)
         out: dict[str, Any] = {"shared": {"epoch": self.epoch, "sessions": sessions, "events_queued": ring,
