@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -296,12 +297,13 @@ def test_conversation_slices_of_the_real_trace_reuse_far_more_than_every_sixth_r
 def test_real_aiperf_export_is_parsed_consistently_with_its_per_request_records() -> None:
     run = results.load_run("vllm", DATA / "slice_0" / "vllm" / "rep_0" / "aiperf")
     assert (run.requests, run.errors) == (8, 0)
-    assert len(run.ttft_ms) == 8
+    assert sorted(run.ttft_ms) == list(range(8))  # keyed by the request's line in the replayed trace
     assert run.units["time_to_first_token"] == "ms"
     # aiperf's summary percentiles are those of its own per-request records.
-    assert run.stat("time_to_first_token", "p50") == pytest.approx(np.percentile(run.ttft_ms, 50))
-    assert run.stat("time_to_first_token", "p90") == pytest.approx(np.percentile(run.ttft_ms, 90))
-    assert run.stat("time_to_first_token", "avg") == pytest.approx(np.mean(run.ttft_ms))
+    ttfts = list(run.ttft_ms.values())
+    assert run.stat("time_to_first_token", "p50") == pytest.approx(np.percentile(ttfts, 50))
+    assert run.stat("time_to_first_token", "p90") == pytest.approx(np.percentile(ttfts, 90))
+    assert run.stat("time_to_first_token", "avg") == pytest.approx(np.mean(ttfts))
     assert run.stat("output_token_throughput", "avg") > 0
     assert run.stat("time_to_first_token", "p42") is None
 
@@ -352,6 +354,38 @@ def test_ratios_are_medians_over_repeats_against_vllm_and_goals_are_judged_on_th
     rows = list(csv.DictReader(path.open()))
     assert {(r["slice"], r["config"], r["repeat"]) for r in rows} == {
         (s, c, str(k)) for s in ("slice_0", "slice_1") for c in ("vllm", "flexkv") for k in range(2)}
+
+
+def test_ttft_is_split_into_first_and_later_turns_of_the_replayed_conversations(tmp_path: Path) -> None:
+    out = copy_runs(tmp_path / "out", repeats=1)
+    # Lines 0-7 of the replayed trace: conversation A is lines 0, 2, 5; B is 1, 7; 3, 4 and 6 stand alone
+    # (sharing only block 0, as every request of the trace does).
+    ids = [[0, 1, 2], [0, 5, 6], [0, 1, 2, 3], [0, 8], [0, 9], [0, 1, 2, 3, 4], [0, 10], [0, 5, 6, 11]]
+    write_trace(out / "slice_0" / "trace.jsonl", [{"timestamp": i, "input_length": 64 * len(h), "output_length": 4,
+                                                   "hash_ids": h} for i, h in enumerate(ids)])
+    # A cache served a later turn when vLLM's cached tokens cover 3/4 of the blocks (32 tokens each here) an
+    # earlier line had: line 2 (3 blocks) all of them, line 7 (3 blocks) exactly 3/4, line 5 (4 blocks) one.
+    records = out / "slice_0" / "flexkv" / "rep_0" / "aiperf" / results.RECORDS_JSONL
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    for record in lines:
+        cached = {2: 96, 5: 32, 7: 72}.get(record["metadata"]["session_num"])
+        if cached is not None:
+            record["metrics"]["usage_prompt_cache_read_tokens"]["value"] = cached
+    records.write_text("".join(json.dumps(record) + "\n" for record in lines))
+    sl0, sl1 = results.discover(out)
+    assert sl0.later == {2: 3, 5: 4, 7: 3} and sl1.later is None  # slice_1 has no trace: no split
+    assert sl0.later_served("flexkv") == (2, 3) and sl0.later_served("vllm") == (0, 3)
+    assert "| 2 of 3 |" in results.slice_table(sl0)
+    run = sl0.runs["flexkv"][0]
+    assert sl0.turn_ttft_p50("flexkv", later=True) == pytest.approx(
+        statistics.median(run.ttft_ms[i] for i in (2, 5, 7)))
+    assert sl0.turn_ttft_p50("flexkv", later=False) == pytest.approx(
+        statistics.median(run.ttft_ms[i] for i in (0, 1, 3, 4, 6)))
+    base = sl0.turn_ttft_p50("vllm", later=True)
+    assert sl0.turn_ratio("flexkv", later=True) == pytest.approx(sl0.turn_ttft_p50("flexkv", later=True) / base)
+    row = next(line for line in results.goals_table([sl0, sl1]).splitlines() if line.startswith("| slice_0 |"))
+    assert "| 3 of 8 |" in row and f"{sl0.turn_ratio('flexkv', later=True):.2f} |" in row
+    assert sl1.turn_ratio("flexkv", later=True) is None
 
 
 @pytest.mark.slow  # matplotlib import and two figures: ~2-3 s

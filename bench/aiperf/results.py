@@ -9,6 +9,12 @@ deployment, then another, with ``--url``) land in the same report.
 Per slice and config, a statistic is the median over the repeats; a ratio is that median over the same
 median of ``vllm`` (the baseline measured in the same run). The goals (`GOALS`) are judged on those
 ratios.
+
+A slice of whole conversations mixes first turns (whose prefix no cache holds) with later turns (whose
+prefix an earlier turn computed). Besides the goals, the report splits TTFT by turn (`later_turns`) and
+counts the later turns a cache served (vLLM's cached-token count covers at least `SERVED_SHARE` of the
+prefix an earlier request had), so that what a cache does for the requests it can help is not hidden by
+the share of first turns, and a slow hit (queued behind other prefills) is told apart from a miss.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench.aiperf.trace import TraceRequest, conversations
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +63,7 @@ METRICS: tuple[MetricSpec, ...] = (
 
 @dataclass
 class RunResult:
-    """One aiperf run: its summary statistics and its per-request TTFTs."""
+    """One aiperf run: its summary statistics and its per-request TTFTs (by line of the replayed trace)."""
 
     config: str
     source: Path
@@ -64,7 +72,8 @@ class RunResult:
     requests: int
     errors: int
     duration_s: float | None
-    ttft_ms: list[float] = field(default_factory=list)
+    ttft_ms: dict[int, float] = field(default_factory=dict)
+    cached_tokens: dict[int, float] = field(default_factory=dict)  # prompt tokens vLLM did not compute
 
     def stat(self, key: str, stat: str) -> float | None:
         value = self.metrics.get(key, {}).get(stat)
@@ -93,25 +102,62 @@ def load_run(config: str, artifact_dir: str | os.PathLike[str]) -> RunResult:
     errors = sum(int(e.get("count", 0)) for e in data.get("error_summary") or [] if isinstance(e, dict))
     requests = int(metrics.get("request_count", {}).get("avg", 0))
     duration = metrics.get("benchmark_duration", {}).get("avg")
-    return RunResult(config, summary_path, metrics, units, requests, errors, duration,
-                     read_ttfts(artifact_dir / RECORDS_JSONL))
+    ttfts, cached = read_records(artifact_dir / RECORDS_JSONL)
+    return RunResult(config, summary_path, metrics, units, requests, errors, duration, ttfts, cached)
 
 
-def read_ttfts(records_path: Path) -> list[float]:
-    """Per-request TTFT (ms) of the successful requests in aiperf's records file ([] if there is none)."""
+def read_records(records_path: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """Per-request TTFT (ms) and cached prompt tokens of the successful requests in aiperf's records file
+    (empty if there is none), keyed by the request's line in the replayed trace: with a fixed schedule
+    aiperf makes each line one session, numbered in file order (``session_num``)."""
+    ttfts: dict[int, float] = {}
+    cached: dict[int, float] = {}
     if not records_path.is_file():
-        return []
-    ttfts = []
+        return ttfts, cached
     with open(records_path) as fh:
+        for i, line in enumerate(fh):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            metrics = record.get("metrics") or {}
+            ttft = metrics.get("time_to_first_token")
+            if isinstance(ttft, dict) and isinstance(ttft.get("value"), (int, float)) and not record.get("error"):
+                session = int((record.get("metadata") or {}).get("session_num", i))
+                ttfts[session] = float(ttft["value"])
+                cached[session] = float((metrics.get("usage_prompt_cache_read_tokens") or {}).get("value", 0))
+    return ttfts, cached
+
+
+def later_turns(trace_path: Path) -> dict[int, int] | None:
+    """Lines of a replayed hash-id trace that continue an earlier line's conversation (`trace.conversations`),
+    each with the number of its leading blocks that earlier lines had: the requests whose prefix a cache can
+    hold, and how much of it. None without such a trace (text prompts carry no hash ids)."""
+    if not trace_path.is_file():
+        return None
+    requests = []
+    with open(trace_path) as fh:
         for line in fh:
             if not line.strip():
                 continue
             record = json.loads(line)
-            ttft = (record.get("metrics") or {}).get("time_to_first_token")
-            if isinstance(ttft, dict) and isinstance(ttft.get("value"), (int, float)) and not record.get("error"):
-                ttfts.append(float(ttft["value"]))
-    return ttfts
+            if not isinstance(record.get("hash_ids"), list):
+                return None
+            requests.append(TraceRequest(float(record.get("timestamp", 0)), int(record.get("input_length", 1)),
+                                         int(record.get("output_length", 0)), tuple(record["hash_ids"])))
+    seen: set[int] = set()
+    reusable: list[int] = []
+    for req in requests:
+        n = 0
+        while n < len(req.hash_ids) and req.hash_ids[n] in seen:
+            n += 1
+        reusable.append(n)
+        seen.update(req.hash_ids)
+    return {i: reusable[i] for group in conversations(requests) for i in group[1:]}
 
+
+#: A later turn counts as served from a cache when vLLM's cached tokens cover this share of its reusable prefix
+#: (vLLM counts whole blocks of its own size, and the chat template shifts the prompt's block boundaries).
+SERVED_SHARE = 0.75
 
 #: Configs in this order in tables and plots; the first is the baseline every ratio is taken against.
 CONFIG_ORDER = ("vllm", "flexkv", "flexkv-blind")
@@ -154,6 +200,7 @@ class SliceRuns:
     info: dict[str, object]
     runs: dict[str, list[RunResult]]
     tiers: dict[str, list[dict[str, dict[str, float]]]]  # config -> per repeat: {"hit"|"stored": {tier: n}}
+    later: dict[int, int] | None = None  # later turns' trace lines -> blocks an earlier line had (None: unknown)
 
     def configs(self) -> list[str]:
         return sorted(self.runs, key=_order)
@@ -168,8 +215,41 @@ class SliceRuns:
             return None
         return value / base
 
-    def ttfts(self, config: str) -> list[float]:
-        return [t for r in self.runs.get(config, []) for t in r.ttft_ms]
+    def ttfts(self, config: str, *, later_only: bool = False) -> list[float]:
+        """Every repeat's per-request TTFTs; ``later_only``: of the later turns alone ([] if unknown)."""
+        if later_only and self.later is None:
+            return []
+        return [t for r in self.runs.get(config, []) for i, t in r.ttft_ms.items()
+                if not later_only or i in self.later]
+
+    def turn_ttft_p50(self, config: str, later: bool) -> float | None:
+        """TTFT p50 of the first turns (``later=False``) or the later turns, median over the repeats."""
+        if self.later is None:
+            return None
+        p50s = []
+        for run in self.runs.get(config, []):
+            ttfts = [t for i, t in run.ttft_ms.items() if (i in self.later) == later]
+            if ttfts:
+                p50s.append(statistics.median(ttfts))
+        return statistics.median(p50s) if p50s else None
+
+    def later_served(self, config: str) -> tuple[int, int] | None:
+        """(later turns a cache served, later turns) over every repeat: served = vLLM's cached prompt tokens
+        cover at least `SERVED_SHARE` of the prefix an earlier request had."""
+        block_tokens = self.info.get("block_tokens") if isinstance(self.info, dict) else None
+        if self.later is None or not isinstance(block_tokens, int):
+            return None
+        served = total = 0
+        for run in self.runs.get(config, []):
+            for i, cached in run.cached_tokens.items():
+                if self.later.get(i):
+                    total += 1
+                    served += cached >= SERVED_SHARE * self.later[i] * block_tokens
+        return served, total
+
+    def turn_ratio(self, config: str, later: bool) -> float | None:
+        value, base = self.turn_ttft_p50(config, later), self.turn_ttft_p50(BASELINE, later)
+        return None if value is None or not base else value / base
 
     def tier_hits(self, config: str) -> dict[str, float]:
         total: dict[str, float] = {}
@@ -194,7 +274,8 @@ def discover(out_dir: str | os.PathLike[str]) -> list[SliceRuns]:
         if sl is None:
             info_path = slice_dir / "trace_info.json"
             info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-            sl = slices[slice_dir.name] = SliceRuns(slice_dir.name, info, {}, {})
+            sl = slices[slice_dir.name] = SliceRuns(slice_dir.name, info, {}, {},
+                                                    later_turns(slice_dir / "trace.jsonl"))
         sl.runs.setdefault(config, []).append(load_run(config, summary.parent))
         tiers = rep_dir / TIERS_JSON
         sl.tiers.setdefault(config, []).append(json.loads(tiers.read_text()) if tiers.is_file() else {})
@@ -227,6 +308,7 @@ def slice_table(sl: SliceRuns) -> str:
     """One row per config: medians over its repeats, what our tiers served, ratios to vllm with the goals."""
     head = ["config", "runs", "requests ok/err", "TTFT p50 ms", "TTFT p90 ms", "TTFT p99 ms", "ITL p50 ms",
             "output tok/s", "prompt cached %", "blocks from our CPU / SSD",
+            "TTFT p50 ms, first / later turns", "later turns served from a cache",
             *[f"{g.label} ratio ({g.text})" for g in GOALS]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for config in sl.configs():
@@ -240,7 +322,9 @@ def slice_table(sl: SliceRuns) -> str:
                  _fmt(sl.median(config, "time_to_first_token", "p99")),
                  _fmt(sl.median(config, "inter_token_latency", "p50"), 1),
                  _fmt(sl.median(config, "output_token_throughput", "avg"), 2),
-                 _fmt(sl.median(config, "overall_usage_prompt_cache_read_pct", "avg"), 1), tiers]
+                 _fmt(sl.median(config, "overall_usage_prompt_cache_read_pct", "avg"), 1), tiers,
+                 f"{_fmt(sl.turn_ttft_p50(config, False))} / {_fmt(sl.turn_ttft_p50(config, True))}",
+                 "n/a" if (served := sl.later_served(config)) is None else f"{served[0]} of {served[1]}"]
         cells += ["1 (baseline)" if config == BASELINE else _fmt_ratio(sl.ratio(config, g.key, g.stat), g)
                   for g in GOALS]
         lines.append("| " + " | ".join(cells) + " |")
@@ -249,15 +333,20 @@ def slice_table(sl: SliceRuns) -> str:
 
 def goals_table(slices: Sequence[SliceRuns]) -> str:
     """Slice x config rows of the goal ratios: the headline."""
-    head = ["slice", "reuse ceiling", "config", *[f"{g.label} ({g.text})" for g in GOALS]]
+    head = ["slice", "reuse ceiling", "later turns", "config", *[f"{g.label} ({g.text})" for g in GOALS],
+            "TTFT p50 of first / later turns"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for sl in slices:
-        ceiling = (sl.info.get("stats") or {}).get("block_reuse") if isinstance(sl.info, dict) else None
+        stats = (sl.info.get("stats") or {}) if isinstance(sl.info, dict) else {}
+        ceiling = stats.get("block_reuse")
+        later = "n/a" if sl.later is None else f"{len(sl.later)} of {stats.get('requests', '?')}"
         for config in sl.configs():
             if config == BASELINE:
                 continue
-            cells = [sl.name, "n/a" if ceiling is None else f"{100 * float(ceiling):.0f}%", f"`{config}`"]
+            cells = [sl.name, "n/a" if ceiling is None else f"{100 * float(ceiling):.0f}%", later, f"`{config}`"]
             cells += [_fmt_ratio(sl.ratio(config, g.key, g.stat), g) for g in GOALS]
+            cells.append(f"{_fmt_ratio(sl.turn_ratio(config, False))} / "
+                         f"{_fmt_ratio(sl.turn_ratio(config, True))}")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -312,7 +401,8 @@ def plot_ratios(slices: Sequence[SliceRuns], path: str | os.PathLike[str]) -> Pa
 
 
 def plot_ttft_cdf(slices: Sequence[SliceRuns], path: str | os.PathLike[str]) -> Path | None:
-    """Per slice, the TTFT distribution of every config (all repeats pooled)."""
+    """Per slice, the TTFT distribution of every config (all repeats pooled), and dashed that of the later
+    turns alone."""
     if not any(sl.ttfts(c) for sl in slices for c in sl.runs):
         return None
     import matplotlib
@@ -323,11 +413,11 @@ def plot_ttft_cdf(slices: Sequence[SliceRuns], path: str | os.PathLike[str]) -> 
     fig, axes = plt.subplots(1, len(slices), figsize=(5.5 * len(slices), 4), squeeze=False)
     for ax, sl in zip(axes[0], slices):
         for config in sl.configs():
-            xs = sorted(sl.ttfts(config))
-            if not xs:
-                continue
-            ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post",
-                    label=f"{config} ({len(xs)} requests)", color=f"C{_order(config)[0]}")
+            for later_only, style, what in ((False, "-", "requests"), (True, "--", "later turns")):
+                xs = sorted(sl.ttfts(config, later_only=later_only))
+                if xs:
+                    ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", linestyle=style,
+                            label=f"{config} ({len(xs)} {what})", color=f"C{_order(config)[0]}")
         ax.set_xscale("log")
         ax.set_xlabel("time to first token (ms, log scale)")
         ax.set_title(sl.name)
