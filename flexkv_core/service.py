@@ -111,19 +111,15 @@ def _drop_locks_in_child() -> None:
 os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
-def probe_endpoint(endpoint: str, *, share: bool = False) -> int | None:
+def probe_endpoint(endpoint: str) -> None:
     """Check that this process could serve ``endpoint`` now, the way `CacheService.start` claims it, and
     let it go at once (within about PROBE_TIMEOUT_S). For launchers, before they load anything heavy.
 
-    Returns None when the endpoint is free, or (``share=True``) the pid of the sharing owner a service
-    would attach to. Raises `EndpointInUse` naming the holder, or OSError when it cannot be bound at all
-    (a missing ipc directory, a host that is not this machine's)."""
-    service = CacheService(endpoint, {}, share=share, name="flexkv-probe")
+    Raises `EndpointInUse` naming the holder, or OSError when it cannot be bound at all (a missing ipc
+    directory, a host that is not this machine's)."""
+    service = CacheService(endpoint, {}, name="flexkv-probe")
     service.start()
-    try:
-        return service.attached_to
-    finally:
-        service.stop()
+    service.stop()
 
 
 class CacheService:

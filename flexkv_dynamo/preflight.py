@@ -39,24 +39,29 @@ def preflight(env: Mapping[str, str] | None = None) -> FlexKVConfig:
         raise PreflightError(f"flexkv config: {exc}") from None
     if not cfg.enable:
         return cfg  # the connector will be inert: it claims nothing
-    if cfg.share_server:  # the node's shared cache: its owner serves the endpoint (or instance 0 starts one),
-        # and may be too busy starting to answer a probe: the engine attaches when it answers
-        if cfg.enable_distributed:
-            raise PreflightError("FLEXKV_ENABLE_DISTRIBUTED=1 with FLEXKV_SHARE_SERVER=1 is not supported yet: a "
-                                 "shared cache serves the engines of one node")
-        return cfg
+    if cfg.share_server and cfg.enable_distributed:
+        raise PreflightError("FLEXKV_ENABLE_DISTRIBUTED=1 with FLEXKV_SHARE_SERVER=1 is not supported yet: a "
+                             "shared cache serves the engines of one node")
+    # A worker of a node's shared cache does not probe the endpoint: the owner serves it (or instance 0 starts
+    # one), may be too busy starting to answer within the probe's time, and the engine attaches once it does.
+    if not cfg.share_server:
+        _check_endpoint_free(cfg.server_recv_port)
+    if cfg.enable_metrics and cfg.metrics_port:  # every worker serves its own metrics, sharing or not
+        _check_port_free(cfg.node_addr, cfg.metrics_port)
+    return cfg
+
+
+def _check_endpoint_free(endpoint: str) -> None:
+    """FLEXKV_SERVER_RECV_PORT must not be held by another live process, and must be bindable at all."""
     try:
-        probe_endpoint(cfg.server_recv_port, share=False)
+        probe_endpoint(endpoint)
     except EndpointInUse as exc:
         raise PreflightError(str(exc)) from None
     except OSError as exc:  # cannot be bound at all
         message = exc.strerror or str(exc)
         if "FLEXKV_SERVER_RECV_PORT" not in message:
-            message = f"FLEXKV_SERVER_RECV_PORT {cfg.server_recv_port}: {message}"
+            message = f"FLEXKV_SERVER_RECV_PORT {endpoint}: {message}"
         raise PreflightError(message) from None
-    if cfg.enable_metrics and cfg.metrics_port:
-        _check_port_free(cfg.node_addr, cfg.metrics_port)
-    return cfg
 
 
 def _check_port_free(host: str, port: int) -> None:

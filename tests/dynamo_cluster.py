@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from conftest import short_tmpdir
 from support import CHAT_TEMPLATE, group_alive, http_json, make_hook_venv, write_torchvision_shim
@@ -192,8 +192,7 @@ def chunk_tokens(choice: dict[str, Any]) -> int:
     return len(logprobs.get("tokens") or ())
 
 
-@dataclass(frozen=True)
-class Workdir:
+class Workdir(NamedTuple):
     """What every Dynamo deployment of the e2e tests starts from: a short-named directory (ipc sockets), the
     torchvision stand-in, a venv with our start-up hook, and the tiny model's chat template."""
 

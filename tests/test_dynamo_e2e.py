@@ -73,8 +73,7 @@ class Cluster:
 def cluster(tiny_model_dir):
     pytest.importorskip("dynamo.llm")
     pytest.importorskip("vllm")
-    wd = Workdir.make("fxe2e")
-    workdir, shim, hook_python, template = wd.path, wd.shim, wd.hook_python, wd.template
+    workdir, shim, hook_python, template = Workdir.make("fxe2e")
     env = base_env(workdir, shim)
     http_port = free_port()
     procs: list[Proc] = []

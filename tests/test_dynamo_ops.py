@@ -158,9 +158,8 @@ class Deployment:
 def deployment(tiny_model_dir):
     pytest.importorskip("dynamo.llm")
     pytest.importorskip("vllm")
-    wd = Workdir.make("fxops")
+    workdir, shim, hook_python, template = Workdir.make("fxops")
     redis = RedisServer().start()
-    workdir, shim, hook_python, template = wd.path, wd.shim, wd.hook_python, wd.template
     env = {**base_env(workdir, shim),
            "FLEXKV_CPU_CACHE_GB": "0.25", "FLEXKV_SSD_CACHE_GB": "0.25",
            "FLEXKV_ENABLE_DISTRIBUTED": "1", "FLEXKV_REDIS_PORT": str(redis.port),

@@ -185,6 +185,13 @@ def test_a_shared_cache_is_accepted_only_by_workers_that_share(workdir):
             preflight(env)
         with pytest.raises(PreflightError, match="FLEXKV_ENABLE_DISTRIBUTED=1 with FLEXKV_SHARE_SERVER=1"):
             preflight({**env, "FLEXKV_SHARE_SERVER": "1", "FLEXKV_ENABLE_DISTRIBUTED": "1"})
+        # A sharing worker still serves its own metrics: a taken metrics port is refused for it too.
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            port = other.getsockname()[1]
+            with pytest.raises(PreflightError, match=f"FLEXKV_METRICS_PORT={port}: cannot serve metrics"):
+                preflight({**env, "FLEXKV_SHARE_SERVER": "1", "FLEXKV_METRICS_PORT": str(port)})
 
 
 @pytest.mark.engine

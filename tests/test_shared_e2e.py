@@ -51,8 +51,7 @@ def sessions(endpoint: str) -> dict[int, dict]:
 def node(tiny_model_dir):
     pytest.importorskip("dynamo.llm")
     pytest.importorskip("vllm")
-    wd = Workdir.make("fxsh")
-    workdir, shim, hook_python, template = wd.path, wd.shim, wd.hook_python, wd.template
+    workdir, shim, hook_python, template = Workdir.make("fxsh")
     endpoint = f"ipc://{workdir}/flexkv_node"
     env = {**base_env(workdir, shim), "FLEXKV_SERVER_RECV_PORT": endpoint, "FLEXKV_SHARE_SERVER": "1",
            "FLEXKV_INSTANCE_NUM": "2", "FLEXKV_SSD_CACHE_GB": "0.25", "FLEXKV_SSD_CACHE_DIR": str(workdir / "ssd")}
