@@ -124,11 +124,17 @@ def test_owner_death_costs_no_request_and_a_restarted_owner_serves_warm_from_ssd
     endpoint = node["endpoint"]
     prompt = words(PROMPT_BLOCKS * BLOCK_SIZE, start=400)
     node["epoch"] = _epoch(endpoint)
+    # Earlier tests' blocks are on SSD too: count this prompt's from a quiet owner, so that the kill below
+    # cannot come before its write-back did (a block READY on SSD is in the manifest: it survives a kill -9).
+    wait_for(lambda: _quiet(owner_status(endpoint)), 30, "earlier stores and write-backs finished")
     before = sessions(endpoint)
+    ssd_before = owner_status(endpoint)["tiers"]["ssd"]["ready_blocks"]
     first = complete(node, prompt)  # computed by one worker: in its GPU cache and in the shared tiers
-    wait_for(lambda: owner_status(endpoint)["tiers"]["ssd"]["ready_blocks"] >= PROMPT_BLOCKS, 30,
+    wait_for(lambda: _quiet(status := owner_status(endpoint))
+             and status["tiers"]["ssd"]["ready_blocks"] >= ssd_before + PROMPT_BLOCKS, 30,
              "the prompt's blocks written back to SSD")
     stored = {i: s["stored_blocks"] - before[i]["stored_blocks"] for i, s in sessions(endpoint).items()}
+    assert sorted(stored.values()) == [0, PROMPT_BLOCKS], stored
     computer = max(stored, key=stored.get)
     owner = node["owner"]
     os.killpg(owner.popen.pid, signal.SIGKILL)
@@ -148,7 +154,7 @@ def test_owner_death_costs_no_request_and_a_restarted_owner_serves_warm_from_ssd
     wait_for(lambda: _epoch(endpoint) not in (None, node["epoch"]) and sorted(sessions(endpoint)) == [0, 1]
              and all(s["synced"] for s in sessions(endpoint).values()), 60, "both workers attached to a new owner")
     node["respawned_pid"] = _whoami(endpoint)["pid"]
-    assert owner_status(endpoint)["tiers"]["ssd"]["ready_blocks"] >= PROMPT_BLOCKS, "not warm from SSD"
+    assert owner_status(endpoint)["tiers"]["ssd"]["ready_blocks"] >= ssd_before + PROMPT_BLOCKS, "not warm from SSD"
     # Round-robin sends the prompt to the worker whose GPU cache never held it within a few requests: that
     # worker loads it from the new owner's SSD tier. (The worker that computed it hits its GPU cache.)
     for _ in range(4):
@@ -162,6 +168,10 @@ def test_owner_death_costs_no_request_and_a_restarted_owner_serves_warm_from_ssd
     # short of a prompt that fills its last block.)
     assert loaded[1 - computer] == PROMPT_BLOCKS, (loaded, status["metrics"], logs(node))
     assert status["metrics"]["hit_blocks"]["ssd"] == sum(loaded.values()), status["metrics"]
+
+
+def _quiet(status: dict) -> bool:
+    return status["pending_stores"] == 0 and status["pending_writes"] == 0
 
 
 def _whoami(endpoint: str) -> dict:
