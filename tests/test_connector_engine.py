@@ -371,6 +371,15 @@ def test_concurrent_shared_prefixes_with_aborts_and_long_prompts(engine):
     assert engine.llm.reset_prefix_cache()
 
     llm_engine = engine.llm.llm_engine
+    # Twins first: one short prompt twice (both prefill in the first step and share its blocks through
+    # vLLM's prefix cache) with answers long enough that together they outgrow the engine's blocks, so vLLM
+    # must preempt one of them however the loads of the others are timed; the preempted twin resumes and
+    # must still answer exactly what the other one did.
+    twin = prompt(300, MAX_BATCHED_TOKENS // 2 - BLOCK_SIZE)
+    twin_tokens = (NUM_GPU_BLOCKS - 1 - len(twin) // BLOCK_SIZE) * BLOCK_SIZE // 2 + 2 * BLOCK_SIZE
+    twin_params = SamplingParams(max_tokens=twin_tokens, temperature=0.0, ignore_eos=True)
+    for rid in ("twin0", "twin1"):
+        llm_engine.add_request(rid, {"prompt_token_ids": twin}, twin_params)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     for rid, p in prompts.items():
         llm_engine.add_request(rid, {"prompt_token_ids": p}, params)
@@ -396,6 +405,8 @@ def test_concurrent_shared_prefixes_with_aborts_and_long_prompts(engine):
 
     assert waited_for_kv, "no request loaded from our tiers"
     assert preempted, f"no request was preempted with {NUM_GPU_BLOCKS} engine blocks"
+    assert len(done["twin0"]) == len(done["twin1"]) == twin_tokens
+    assert done["twin0"] == done["twin1"], "a preempted request answered differently"
     aborted = {rid for rids in aborts.values() for rid in rids}
     for rid in prompts:
         if rid in aborted:
