@@ -59,6 +59,11 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
         time.sleep(interval)
 
 
+def nothing_pending(status: dict[str, Any]) -> bool:
+    """A cache's ``status``: no store and no SSD write-back is still queued."""
+    return status["pending_stores"] == 0 and status["pending_writes"] == 0
+
+
 def assert_connector_idle(flexkv: Any) -> None:
     """No job, pin or slot of the connector's scheduler side (a `FlexKVScheduler`) outlives the requests."""
     assert flexkv.in_flight() == {"waiting_loads": 0, "loads": 0, "stores": 0, "requests": 0}

@@ -32,6 +32,7 @@ from dynamo_cluster import (
     Proc,
     Workdir,
     cache_call,
+    complete,
     cpu_counts,
     flexkv_status_cli,
     stop_all,
@@ -62,8 +63,7 @@ class Cluster:
     system_ports: list[int]  # each worker's Dynamo system server (health, engine routes)
 
     def complete(self, prompt: str, max_tokens: int = 4) -> dict[str, Any]:
-        return http_json(f"{self.url}/v1/completions",
-                         {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+        return complete(self.url, self.model, prompt, max_tokens)
 
     def logs(self) -> str:
         return "\n".join(p.tail() for p in [self.frontend, *self.workers])

@@ -20,13 +20,14 @@ import signal
 import sys
 import time
 
+import dynamo_cluster
 import pytest
 from dynamo_cluster import Proc, Workdir, stop_all, wait_until_serving
 from support import (
     BLOCK_SIZE,
     base_env,
     free_port,
-    http_json,
+    nothing_pending,
     tiny_worker_args,
     wait_for,
 )
@@ -85,8 +86,7 @@ def node(tiny_model_dir):
 
 
 def complete(node, prompt: str) -> dict:
-    return http_json(f"{node['url']}/v1/completions",
-                     {"model": node["model"], "prompt": prompt, "max_tokens": 4, "temperature": 0})
+    return dynamo_cluster.complete(node["url"], node["model"], prompt)
 
 
 def logs(node) -> str:
@@ -126,11 +126,11 @@ def test_owner_death_costs_no_request_and_a_restarted_owner_serves_warm_from_ssd
     node["epoch"] = _epoch(endpoint)
     # Earlier tests' blocks are on SSD too: count this prompt's from a quiet owner, so that the kill below
     # cannot come before its write-back did (a block READY on SSD is in the manifest: it survives a kill -9).
-    wait_for(lambda: _quiet(owner_status(endpoint)), 30, "earlier stores and write-backs finished")
+    wait_for(lambda: nothing_pending(owner_status(endpoint)), 30, "earlier stores and write-backs finished")
     before = sessions(endpoint)
     ssd_before = owner_status(endpoint)["tiers"]["ssd"]["ready_blocks"]
     first = complete(node, prompt)  # computed by one worker: in its GPU cache and in the shared tiers
-    wait_for(lambda: _quiet(status := owner_status(endpoint))
+    wait_for(lambda: nothing_pending(status := owner_status(endpoint))
              and status["tiers"]["ssd"]["ready_blocks"] >= ssd_before + PROMPT_BLOCKS, 30,
              "the prompt's blocks written back to SSD")
     stored = {i: s["stored_blocks"] - before[i]["stored_blocks"] for i, s in sessions(endpoint).items()}
@@ -168,10 +168,6 @@ def test_owner_death_costs_no_request_and_a_restarted_owner_serves_warm_from_ssd
     # short of a prompt that fills its last block.)
     assert loaded[1 - computer] == PROMPT_BLOCKS, (loaded, status["metrics"], logs(node))
     assert status["metrics"]["hit_blocks"]["ssd"] == sum(loaded.values()), status["metrics"]
-
-
-def _quiet(status: dict) -> bool:
-    return status["pending_stores"] == 0 and status["pending_writes"] == 0
 
 
 def _whoami(endpoint: str) -> dict:
