@@ -356,8 +356,19 @@ def test_single_node_two_workers_serve_a_request_and_stop_cleanly(tiny_model_dir
         assert "interrupted" in text and "stopped; logs:" in text
         assert not [p for p in pids if group_alive(p)], text
         assert not processes_mentioning(str(root)), processes_mentioning(str(root))
+    except BaseException:
+        show_log_ends(root)  # the logs are deleted with the root: their ends go with the failure report
+        raise
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def show_log_ends(root: Path, lines: int = 40) -> None:
+    """Print the last lines of the script's output and of every log under ``root`` to stderr (pytest shows
+    them with the failure)."""
+    for path in sorted([*root.glob("*.out"), *root.glob("work/logs/*.log")]):
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+        print(f"---- {path.relative_to(root)} (last {len(tail)} lines)", *tail, sep="\n", file=sys.stderr)
 
 
 @dataclasses.dataclass
