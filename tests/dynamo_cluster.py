@@ -31,6 +31,16 @@ from support import CHAT_TEMPLATE, group_alive, http_json, make_hook_venv, write
 WORKER_ENDPOINT = "dynamo.backend.generate"
 
 
+def log_text(path: Path) -> str:
+    """A process's log without the colour codes Dynamo's logger writes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(errors="replace"))
+
+
+def log_tail(path: Path, name: str, lines: int = 40) -> str:
+    """The last ``lines`` of a log under a header naming it, for failure messages."""
+    return f"--- {name} ({path}) ---\n" + "\n".join(log_text(path).splitlines()[-lines:])
+
+
 @dataclass
 class Proc:
     """A process we started in its own session (so that stopping it stops its children), logging to a file."""
@@ -50,10 +60,10 @@ class Proc:
         return self.popen.poll() is None
 
     def text(self) -> str:
-        return re.sub(r"\x1b\[[0-9;]*m", "", self.log.read_text(errors="replace"))
+        return log_text(self.log)
 
     def tail(self, lines: int = 40) -> str:
-        return f"--- {self.name} ({self.log}) ---\n" + "\n".join(self.text().splitlines()[-lines:])
+        return log_tail(self.log, self.name, lines)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM to the process group, SIGKILL after ``timeout``. The group gets the time left after its

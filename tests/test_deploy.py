@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import short_tmpdir
+from dynamo_cluster import log_tail
 from support import (
     CHAT_TEMPLATE,
     base_env,
@@ -367,8 +368,7 @@ def show_log_ends(root: Path, lines: int = 40) -> None:
     """Print the last lines of the script's output and of every log under ``root`` to stderr (pytest shows
     them with the failure)."""
     for path in sorted([*root.glob("*.out"), *root.glob("work/logs/*.log")]):
-        tail = path.read_text(errors="replace").splitlines()[-lines:]
-        print(f"---- {path.relative_to(root)} (last {len(tail)} lines)", *tail, sep="\n", file=sys.stderr)
+        print(log_tail(path, str(path.relative_to(root)), lines), file=sys.stderr)
 
 
 @dataclasses.dataclass
